@@ -477,6 +477,12 @@ def parse_hostport(text, default_port=None):
     return host, port
 
 
+def _address(address):
+    """(host, port) -> "host:port", "[v6]:port" or "*:port"."""
+    host, port = address[:2]
+    return "%s:%d" % ("[%s]" % host if ":" in host else host or "*", port)
+
+
 def _valid_host(host):
     try:
         ipaddress.ip_address(host)
@@ -2562,8 +2568,7 @@ class Turnd:
         self.deliverer.start(self.config.delivery_threads)
         for server in self.servers:
             threading.Thread(target=server.serve_forever, name="listener", daemon=True).start()
-            host, port = server.server_address[:2]
-            log.info("listening on %s:%d%s", "[%s]" % host if ":" in host else host, port,
+            log.info("listening on %s%s", _address(server.server_address),
                      " (ODMR)" if server.odmr else "")
         while True:
             try:
@@ -2705,8 +2710,8 @@ def describe(config):
     """The --check summary: what this configuration would serve."""
     lines = ["configuration %s is valid" % config.source,
              "hostname: %s" % config.hostname,
-             "listen: %s" % ", ".join("%s:%d" % a for a in config.listen),
-             "odmr_listen: %s" % (", ".join("%s:%d" % a for a in config.odmr_listen) or "off"),
+             "listen: %s" % ", ".join(map(_address, config.listen)),
+             "odmr_listen: %s" % (", ".join(map(_address, config.odmr_listen)) or "off"),
              "spool: %s" % config.spool,
              "users: %d%s" % (len(config.users),
                               " (from %s)" % config.users_path if config.users_path else ""),
