@@ -124,7 +124,7 @@ class Server:
         self.app.deliverer.start(threads)
         self.threads = []
         for server in self.app.servers:
-            thread = threading.Thread(target=server.serve_forever, daemon=True)
+            thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
             thread.start()
             self.threads.append(thread)
         self.port = self.app.servers[0].server_address[1]
@@ -392,7 +392,7 @@ class ScriptedPeer:
 
         self.server = Listener(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def wait_messages(self, count, timeout=DEADLINE):
         wait_for(lambda: len(self.received) >= count, timeout,

@@ -1790,6 +1790,16 @@ class SMTPHandler(socketserver.StreamRequestHandler):
     def finish(self):
         with contextlib.suppress(OSError):
             self.flush()
+        if self.connection is not self.request:
+            # After STARTTLS the TLS socket owns the descriptor (wrap_socket
+            # detached self.request), so socketserver's close of the request
+            # would leave the client waiting for EOF after our 221 or 421.
+            with contextlib.suppress(OSError):
+                self.connection.close()
+        if self.connection is not self.request:
+            # After STARTTLS the TLS socket owns the file descriptor.
+            with contextlib.suppress(OSError):
+                self.connection.close()
 
     def serve_command(self):
         line = self.reader.readline(MAX_AUTH_LINE + 2)
