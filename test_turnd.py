@@ -13,11 +13,15 @@ import base64
 import contextlib
 import email
 import email.policy
+import email.utils
+import errno
+import fcntl
 import hashlib
 import hmac
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -454,3 +458,1334 @@ def test_message_for_held_domain_is_spooled_and_released_by_etrn(make_server, pe
     received = peer.wait_messages(1)
     assert received[0][2] == data
     wait_for(lambda: not server.queued("parttime.example"), what="queue empty")
+
+
+# ---------------------------------------------------------------------------
+# Core: the SMTP receiver, the spool, configuration and the command line
+# ---------------------------------------------------------------------------
+
+CORE_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3}) ")
+CORE_SENDER = "alice@sender.example"
+
+
+def core_server(make_server, **kwargs):
+    """A server holding example.org (hold route: nothing is ever pushed)."""
+    kwargs.setdefault("domains", {"example.org": {"route": "hold"}})
+    return make_server(**kwargs)
+
+
+def core_client(server, helo="EHLO client.test", port=None):
+    """A raw client past the greeting and HELO/EHLO."""
+    raw = server.raw(port)
+    assert raw.code() == 220
+    if helo:
+        assert raw.cmd(helo)[0] == 250
+    return raw
+
+
+def core_check_enhanced(code, lines):
+    """RFC 2034 section 4: every line of a 2xx/4xx/5xx reply starts with a
+    status code of the same class."""
+    if code // 100 not in (2, 4, 5):
+        return
+    for line in lines:
+        match = CORE_ENHANCED.match(line)
+        assert match, "no enhanced status code in %d %r" % (code, line)
+        assert int(match.group(1)) == code // 100, "class mismatch: %d %r" % (code, line)
+
+
+def core_exchange(raw, command):
+    """Send one command, return (code, [lines]) and check its enhanced code."""
+    raw.send(command + "\r\n")
+    code, lines = raw.reply()
+    core_check_enhanced(code, lines)
+    return code, lines
+
+
+def core_send_data(raw, payload):
+    """DATA, then the raw payload (already stuffed and terminated): the final reply."""
+    assert raw.cmd("DATA")[0] == 354
+    raw.send(payload)
+    return raw.reply()
+
+
+def core_transaction(raw, rcpts=("bob@example.org",), sender=CORE_SENDER):
+    assert raw.cmd("MAIL FROM:<%s>" % sender)[0] == 250
+    for rcpt in rcpts:
+        code, text = raw.cmd("RCPT TO:<%s>" % rcpt)
+        assert code == 250, (rcpt, code, text)
+
+
+def core_qid(text):
+    """The queue id at the end of "250 2.0.0 OK queued as <id>"."""
+    if isinstance(text, list):
+        text = text[-1]
+    return text.rsplit(" ", 1)[-1]
+
+
+def core_tree(root):
+    """Every path under `root`, relative to it (to spot files created elsewhere)."""
+    found = set()
+    for directory, dirs, files in os.walk(str(root)):
+        for name in dirs + files:
+            found.add(os.path.relpath(os.path.join(directory, name), str(root)))
+    return found
+
+
+def core_run(*args, cwd=None, timeout=DEADLINE):
+    """Run turnd.py as a child process: CompletedProcess with text output."""
+    return subprocess.run([sys.executable, TURND] + list(args), cwd=cwd, timeout=timeout,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+
+
+# -- greeting, HELO and EHLO ---------------------------------------------------
+
+def test_greeting_is_220_naming_our_hostname(make_server):
+    server = core_server(make_server)
+    raw = server.raw()
+    code, lines = raw.reply()
+    assert code == 220
+    assert lines[-1].split()[0] == "mx.test.example"
+
+
+def test_helo_gets_a_single_line_250_without_extensions(make_server):
+    server = core_server(make_server)
+    raw = core_client(server, helo=None)
+    raw.send("HELO client.test\r\n")
+    code, lines = raw.reply()
+    assert code == 250 and len(lines) == 1
+    assert lines[0].startswith("mx.test.example")
+    # The next reply is NOOP's: HELO produced exactly one reply line.
+    assert raw.cmd("NOOP") == (250, "2.0.0 OK")
+
+
+def test_ehlo_advertises_pipelining_size_8bitmime_enhancedstatuscodes_and_etrn(make_server):
+    server = core_server(make_server, turnd_section={"max_message_size": "123456"})
+    raw = core_client(server, helo=None)
+    raw.send("EHLO client.test\r\n")
+    code, lines = raw.reply()
+    assert code == 250 and len(lines) > 1
+    assert lines[0].startswith("mx.test.example")
+    keywords = [line.upper() for line in lines[1:]]
+    for word in ("PIPELINING", "SIZE 123456", "8BITMIME", "ENHANCEDSTATUSCODES", "ETRN"):
+        assert word in keywords, (word, lines)
+    verbs = [k.split()[0] for k in keywords]
+    # TURN is deprecated and not enabled; no TLS or users are configured, so
+    # RFC 5321 section 4.2.4 forbids listing what would only get 502.
+    for absent in ("TURN", "STARTTLS", "AUTH", "ATRN"):
+        assert absent not in verbs, (absent, lines)
+
+
+def test_ehlo_with_a_non_fqdn_name_such_as_vm_is_accepted(make_server):
+    server = core_server(make_server)
+    raw = core_client(server, helo=None)
+    code, _ = raw.cmd("EHLO vm")
+    assert code == 250
+    core_transaction(raw)
+    assert core_send_data(raw, b"Subject: vm\r\n\r\nhi\r\n.\r\n")[0] == 250
+    envelope, data = server.read_queued("example.org")
+    assert envelope["helo"] == "vm"
+    assert data.startswith(b"Received: from vm ([127.0.0.1])")
+
+
+def test_every_reply_after_the_greeting_carries_an_enhanced_code_of_its_class(make_server):
+    server = core_server(make_server, turnd_section={"max_message_size": "10K",
+                                                     "max_recipients": "1"})
+    raw = server.raw()
+    assert raw.code() == 220
+    seen = set()
+
+    def expect(command, code):
+        got, lines = core_exchange(raw, command)
+        assert got == code, (command, got, lines)
+        seen.add(got)
+
+    expect("MAIL FROM:<a@sender.example>", 503)      # before HELO
+    expect("NOOP", 250)
+    expect("VRFY bob", 252)
+    expect("HELP", 214)
+    expect("XYZZY", 500)
+    expect("RSET x", 501)
+    raw.send("EHLO client.test\r\n")
+    assert raw.code() == 250                          # EHLO: exempt (RFC 2034 section 3)
+    expect("RCPT TO:<bob@example.org>", 503)
+    expect("MAIL FROM:<a@sender.example> SIZE=999999", 552)
+    expect("MAIL FROM:<a@sender.example> FOO=1", 555)
+    expect("MAIL FROM:<a@sender.example>", 250)
+    expect("RCPT TO:<x@elsewhere.example>", 550)
+    expect("RCPT TO:<bob@example.org>", 250)
+    expect("RCPT TO:<carol@example.org>", 452)
+    raw.send("DATA\r\n")
+    assert raw.code() == 354                          # 3xx: exempt
+    raw.send(b"Subject: x\r\n\r\n" + b"y" * 20000 + b"\r\n.\r\n")
+    code, lines = raw.reply()
+    core_check_enhanced(code, lines)
+    assert code == 552
+    expect("MAIL FROM:<a@sender.example>", 250)
+    expect("RCPT TO:<bob@example.org>", 250)
+    raw.send("DATA\r\n")
+    assert raw.code() == 354
+    raw.send(b"Subject: ok\r\n\r\nhi\r\n.\r\n")
+    code, lines = raw.reply()
+    core_check_enhanced(code, lines)
+    assert code == 250
+    expect("MAIL FROM:<a@sender.example>", 250)
+    raw.send("DATA\r\n")
+    code, lines = raw.reply()
+    core_check_enhanced(code, lines)
+    assert code == 503
+    raw.send("HELO client.test\r\n")
+    assert raw.code() == 250                          # HELO: exempt
+    expect("EXPN staff", 502)
+    expect("QUIT", 221)
+    assert raw.closed()
+    assert seen == {214, 221, 250, 252, 452, 500, 501, 502, 503, 550, 552, 555}
+
+
+def test_helo_sessions_get_enhanced_codes_too(make_server):
+    # RFC 2034 section 4: "regardless of whether or not EHLO is employed".
+    server = core_server(make_server)
+    raw = core_client(server, helo="HELO client.test")
+    assert core_exchange(raw, "MAIL FROM:<a@sender.example>")[0] == 250
+    assert core_exchange(raw, "RCPT TO:<x@elsewhere.example>")[0] == 550
+    assert core_exchange(raw, "RSET")[0] == 250
+
+
+# -- the state machine ---------------------------------------------------------
+
+def test_rcpt_before_mail_is_rejected_with_503(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 503
+    core_transaction(raw)                     # the session is still usable
+
+
+def test_second_mail_gets_503_and_the_first_sender_is_kept(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<first@sender.example>")[0] == 250
+    assert raw.cmd("MAIL FROM:<second@sender.example>")[0] == 503
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 250
+    assert core_send_data(raw, b"Subject: x\r\n\r\nx\r\n.\r\n")[0] == 250
+    envelope, _ = server.read_queued("example.org")
+    assert envelope["sender"] == "first@sender.example"
+
+
+def test_data_without_an_accepted_recipient_gets_503_and_no_354(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("DATA")[0] == 503                          # no MAIL at all
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    assert raw.cmd("RCPT TO:<x@elsewhere.example>")[0] == 550
+    assert raw.cmd("DATA")[0] == 503                          # every RCPT refused
+    # Not in data mode: a command is answered as a command.
+    assert raw.cmd("NOOP") == (250, "2.0.0 OK")
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 250     # transaction kept
+    assert core_send_data(raw, b"Subject: x\r\n\r\nx\r\n.\r\n")[0] == 250
+
+
+def test_mail_before_helo_gets_503_and_nothing_changes(make_server):
+    server = core_server(make_server)
+    raw = core_client(server, helo=None)
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 503
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 503     # no transaction was opened
+    assert raw.cmd("EHLO client.test")[0] == 250
+    core_transaction(raw)
+
+
+def test_state_is_unchanged_after_a_503(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw, ["bob@example.org"])
+    assert raw.cmd("MAIL FROM:<other@sender.example>")[0] == 503
+    assert raw.cmd("ETRN example.org")[0] == 503              # inside a transaction
+    assert raw.cmd("RCPT TO:<carol@example.org>")[0] == 250
+    assert core_send_data(raw, b"Subject: x\r\n\r\nx\r\n.\r\n")[0] == 250
+    envelope, _ = server.read_queued("example.org")
+    assert envelope["sender"] == CORE_SENDER
+    assert envelope["rcpts"] == ["bob@example.org", "carol@example.org"]
+
+
+def test_unknown_verb_gets_500_and_the_session_goes_on(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("XYZZY plugh")[0] == 500
+    assert raw.cmd("MAIL")[0] == 501
+    assert raw.cmd("NOOP") == (250, "2.0.0 OK")
+
+
+def test_rset_quit_and_data_with_an_argument_get_501(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw)
+    assert raw.cmd("RSET x")[0] == 501
+    assert raw.cmd("DATA x")[0] == 501
+    assert raw.cmd("QUIT x")[0] == 501
+    assert raw.cmd("NOOP")[0] == 250          # QUIT x did not close the session
+    # RSET x did not reset: the transaction is still open.
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 503
+    assert raw.cmd("RSET")[0] == 250
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    raw.send("QUIT\r\n")
+    assert raw.code() == 221
+    assert raw.closed()
+
+
+def test_vrfy_answers_252_and_help_answers_214_even_before_helo(make_server):
+    # RFC 5321 section 7.3: 252, never a verification; section 4.1.4: these
+    # work without HELO.
+    server = core_server(make_server)
+    raw = core_client(server, helo=None)
+    assert raw.cmd("VRFY postmaster")[0] == 252
+    assert raw.cmd("VRFY bob@example.org")[0] == 252
+    assert raw.cmd("HELP")[0] == 214
+    assert raw.cmd("RSET")[0] == 250
+    assert raw.cmd("NOOP")[0] == 250
+
+
+def test_helo_and_ehlo_without_a_name_get_501_and_change_nothing(make_server):
+    server = core_server(make_server)
+    raw = core_client(server, helo=None)
+    assert raw.cmd("EHLO")[0] == 501
+    assert raw.cmd("HELO")[0] == 501
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 503     # still not greeted
+    assert raw.cmd("EHLO client.test")[0] == 250
+    core_transaction(raw)
+    assert raw.cmd("EHLO")[0] == 501
+    assert core_send_data(raw, b"Subject: x\r\n\r\nx\r\n.\r\n")[0] == 250   # transaction kept
+
+
+def test_a_space_after_the_colon_is_tolerated_as_documented(make_server):
+    # RFC 5321 section 3.3 forbids the space; the manual says turnd accepts it.
+    assert "tolerate a space after the colon" in " ".join(turnd.__doc__.split())
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM: <a@sender.example>")[0] == 250
+    assert raw.cmd("RCPT TO: <bob@example.org>")[0] == 250
+    assert core_send_data(raw, b"Subject: x\r\n\r\nx\r\n.\r\n")[0] == 250
+
+
+def test_a_second_ehlo_resets_the_transaction(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    assert raw.cmd("EHLO client.test")[0] == 250
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 503
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+
+
+def test_rset_discards_sender_and_recipients(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw)
+    assert raw.cmd("RSET")[0] == 250
+    assert raw.cmd("DATA")[0] == 503
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 503
+
+
+def test_a_pipelined_groupable_reply_is_flushed_when_the_input_runs_dry(make_server):
+    # RFC 2920 section 3.2 (7): MAIL's reply may be held back, but must go out
+    # as soon as there is no more input.
+    server = core_server(make_server)
+    raw = core_client(server)
+    raw.send("MAIL FROM:<a@sender.example>\r\n")
+    assert raw.reply()[0] == 250
+    raw.send("RCPT TO:<bob@example.org>\r\n")
+    assert raw.reply()[0] == 250
+
+
+# -- command lines: length and characters --------------------------------------
+
+def core_padded(verb, total):
+    """A command line of exactly `total` octets including its CRLF."""
+    line = verb + " " + "x" * (total - len(verb) - 3) + "\r\n"
+    assert len(line) == total
+    return line
+
+
+def test_a_command_line_of_512_octets_is_accepted(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    raw.send(core_padded("NOOP", 512))
+    assert raw.reply()[0] == 250
+
+
+@pytest.mark.parametrize("total", [513, 2000, 1 << 20])
+def test_a_command_line_over_512_octets_gets_500_and_the_session_stays_in_step(
+        make_server, total):
+    server = core_server(make_server)
+    raw = core_client(server)
+    raw.send(core_padded("NOOP", total) + "NOOP\r\n")
+    code, lines = raw.reply()
+    assert code == 500 and lines[-1].startswith("5.5.2"), (code, lines)
+    # Exactly one reply for the long line: the next one is the NOOP's.
+    assert raw.reply() == (250, ["2.0.0 OK"])
+    core_transaction(raw)
+
+
+def test_an_over_long_rcpt_line_does_not_open_a_recipient(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    long_rcpt = "RCPT TO:<bob@example.org> " + "X" * 600
+    assert raw.cmd(long_rcpt)[0] == 500
+    assert raw.cmd("DATA")[0] == 503
+
+
+@pytest.mark.parametrize("line", [b"NOOP\n", b"NO\rOP\r\n", b"NOOP\r\r\n",
+                                  b"MAIL FROM:<a@sender.example>\n"],
+                         ids=["bare LF", "CR inside", "CR CR LF", "MAIL with bare LF"])
+def test_a_command_line_not_ending_in_crlf_gets_500(make_server, line):
+    server = core_server(make_server)
+    raw = core_client(server)
+    raw.send(line + b"NOOP\r\n")
+    assert raw.code() == 500
+    assert raw.reply() == (250, ["2.0.0 OK"])
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 503     # the MAIL did not count
+
+
+@pytest.mark.parametrize("line", [b"NOOP \x00\r\n", b"MAIL FROM:<a\x00@sender.example>\r\n",
+                                  b"NOOP \x1b[31m\r\n", b"NOOP\tx\r\n",
+                                  b"MAIL FROM:<caf\xc3\xa9@sender.example>\r\n",
+                                  b"NOOP \xff\r\n"],
+                         ids=["NUL", "NUL in MAIL", "escape", "tab", "UTF-8", "0xff"])
+def test_nul_control_characters_and_non_ascii_in_a_command_get_500(make_server, line):
+    server = core_server(make_server)
+    raw = core_client(server)
+    raw.send(line)
+    code, lines = raw.reply()
+    assert code == 500 and lines[-1].startswith("5.5.2"), (code, lines)
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 503
+    assert raw.cmd("NOOP")[0] == 250
+
+
+# -- MAIL and RCPT parameters ----------------------------------------------------
+
+@pytest.mark.parametrize("params, code, enhanced", [
+    ("SIZE=1024", 250, "2.1.0"),
+    ("SIZE=10240", 250, "2.1.0"),                      # exactly the limit
+    ("SIZE=10241", 552, "5.3.4"),
+    ("SIZE=abc", 501, "5.5.4"),
+    ("SIZE=", 501, "5.5.4"),
+    ("SIZE=-1", 501, "5.5.4"),
+    ("SIZE=" + "9" * 20, 552, "5.3.4"),                # RFC 1870: 1*20DIGIT
+    ("SIZE=" + "9" * 21, 501, "5.5.4"),
+    ("BODY=8BITMIME", 250, "2.1.0"),
+    ("BODY=7bit", 250, "2.1.0"),
+    ("BODY=BINARYMIME", 501, "5.5.4"),                 # no CHUNKING: not offered
+    ("BODY=foo", 501, "5.5.4"),
+    ("FOO=bar", 555, "5.5.4"),
+    ("SMTPUTF8", 555, "5.5.4"),
+    ("AUTH=<>", 555, "5.5.4"),                         # AUTH is not offered here
+    ("SIZE=1 SIZE=2", 501, "5.5.4"),
+    ("BODY=7BIT BODY=8BITMIME", 501, "5.5.4"),
+    ("SIZE=100 BODY=8BITMIME", 250, "2.1.0"),
+])
+def test_mail_parameters_are_checked(make_server, params, code, enhanced):
+    server = core_server(make_server, turnd_section={"max_message_size": "10K"})
+    raw = core_client(server)
+    got, text = raw.cmd("MAIL FROM:<a@sender.example> " + params)
+    assert (got, text.split()[0]) == (code, enhanced), (params, got, text)
+    # A refused MAIL leaves no transaction behind.
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == (250 if code == 250 else 503)
+
+
+def test_body_8bitmime_is_recorded_in_the_envelope(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example> BODY=8BITMIME")[0] == 250
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 250
+    assert core_send_data(raw, b"Subject: x\r\n\r\n\xc3\xa9\r\n.\r\n")[0] == 250
+    envelope, _ = server.read_queued("example.org")
+    assert envelope["body"] == "8BITMIME"
+
+
+def test_the_body_parameter_policy_is_documented(make_server):
+    # turnd answers BODY=BINARYMIME with 501 (RFC 6152 allows only 7BIT and
+    # 8BITMIME; checklist 8BIT-05 allows 501 or 555): the manual says so.
+    manual = " ".join(turnd.__doc__.split())
+    assert "BINARYMIME included" in manual and "gets 501" in manual
+    assert turnd.REPLIES["bad_body"].startswith("501 ")
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example> BODY=BINARYMIME")[0] == 501
+
+
+def test_rcpt_with_a_parameter_gets_555(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    code, text = raw.cmd("RCPT TO:<bob@example.org> NOTIFY=NEVER")
+    assert (code, text.split()[0]) == (555, "5.5.4")
+    assert raw.cmd("DATA")[0] == 503
+
+
+def test_the_null_sender_is_accepted(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<>")[0] == 250
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 250
+    assert core_send_data(raw, b"Subject: bounce\r\n\r\nx\r\n.\r\n")[0] == 250
+    assert server.read_queued("example.org")[0]["sender"] == ""
+
+
+@pytest.mark.parametrize("command", ["MAIL FROM:a@sender.example", "MAIL FROM:<a@sender.example",
+                                     "MAIL TO:<a@sender.example>", "MAIL FROM:<a@b@c>",
+                                     "MAIL FROM:<a@sender.example>junk", "MAIL FROM:<@x>"])
+def test_a_malformed_mail_command_gets_501(make_server, command):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd(command)[0] == 501
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+
+
+# -- who mail is accepted for (relay policy) -------------------------------------
+
+def core_relay_server(make_server, **kwargs):
+    return make_server(domains={"example.org": {"route": "hold", "subdomains": "yes"},
+                                "nosub.example": {"route": "hold", "subdomains": "no"}},
+                       **kwargs)
+
+
+@pytest.mark.parametrize("rcpt, queue_name", [
+    ("bob@example.org", "example.org"),
+    ("Bob@EXAMPLE.ORG", "example.org"),
+    ("bob@example.org.", "example.org"),
+    ("bob@a.example.org", "example.org"),
+    ("bob@deep.a.example.org", "example.org"),
+    ("bob@nosub.example", "nosub.example"),
+    ("postmaster", turnd.SMARTHOST_QUEUE),
+    ("PostMaster", turnd.SMARTHOST_QUEUE),
+    ("postmaster@mx.test.example", turnd.SMARTHOST_QUEUE),
+    ("POSTMASTER@MX.TEST.EXAMPLE", turnd.SMARTHOST_QUEUE),
+    ("postmaster@example.org", "example.org"),
+    ("@relay.example:bob@example.org", "example.org"),     # source route dropped
+])
+def test_held_domains_their_subdomains_and_postmaster_are_accepted(make_server, rcpt, queue_name):
+    server = core_relay_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    code, text = raw.cmd("RCPT TO:<%s>" % rcpt)
+    assert (code, text.split()[0]) == (250, "2.1.5"), (rcpt, code, text)
+    assert core_send_data(raw, b"Subject: x\r\n\r\nx\r\n.\r\n")[0] == 250
+    names = server.queued(queue_name)
+    assert len(names) == 1, (queue_name, os.listdir(server.spool))
+    assert sorted(os.listdir(server.spool)) == [queue_name]
+
+
+@pytest.mark.parametrize("rcpt", [
+    "bob@elsewhere.example",
+    "bob@x.nosub.example",                 # subdomains = no
+    "bob@badexample.org",                  # not a label boundary
+    "bob@a.badexample.org",
+    "bob@org",
+    "bob@example.org.evil.example",
+    "postmaster@elsewhere.example",
+    "bob@mx.test.example",                 # our own name: only postmaster
+    "bob@[127.0.0.1]",                     # address literals are never held
+    "bob@[IPv6:::1]",
+    "bob@localhost",
+])
+def test_everything_else_is_refused_as_relaying_with_550_5_7_1(make_server, rcpt):
+    server = core_relay_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    code, text = raw.cmd("RCPT TO:<%s>" % rcpt)
+    assert (code, text.split()[0]) == (550, "5.7.1"), (rcpt, code, text)
+    assert raw.cmd("DATA")[0] == 503
+    assert not os.path.isdir(server.spool) or os.listdir(server.spool) == []
+
+
+def test_max_recipients_gives_452_4_5_3_and_data_succeeds_for_the_accepted(make_server):
+    server = core_server(make_server, turnd_section={"max_recipients": "3"})
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    for number in range(3):
+        assert raw.cmd("RCPT TO:<u%d@example.org>" % number)[0] == 250
+    code, text = raw.cmd("RCPT TO:<u3@example.org>")
+    assert (code, text.split()[0]) == (452, "4.5.3")
+    assert raw.cmd("RCPT TO:<u4@example.org>")[0] == 452
+    assert core_send_data(raw, b"Subject: many\r\n\r\nx\r\n.\r\n")[0] == 250
+    envelope, _ = server.read_queued("example.org")
+    assert envelope["rcpts"] == ["u0@example.org", "u1@example.org", "u2@example.org"]
+
+
+def test_one_hundred_recipients_are_accepted_by_default(make_server):
+    # RFC 5321 section 4.5.3.1.8: refusing fewer than 100 is a violation.
+    server = core_server(make_server)
+    with server.smtp() as client:
+        client.ehlo("client.test")
+        client.mail(CORE_SENDER)
+        for number in range(100):
+            assert client.rcpt("u%d@example.org" % number)[0] == 250
+        assert client.rcpt("u100@example.org")[0] == 452
+        assert client.data(b"Subject: 100\r\n\r\nx\r\n")[0] == 250
+    assert len(server.read_queued("example.org")[0]["rcpts"]) == 100
+
+
+# -- pipelining ----------------------------------------------------------------
+
+def test_pipelined_mail_rcpt_rcpt_data_are_answered_in_order(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    raw.send("MAIL FROM:<a@sender.example>\r\nRCPT TO:<bob@example.org>\r\n"
+             "RCPT TO:<eve@elsewhere.example>\r\nDATA\r\n")
+    assert [raw.code() for _ in range(4)] == [250, 250, 550, 354]
+    raw.send(b"Subject: piped\r\n\r\nx\r\n.\r\nNOOP\r\n")
+    assert raw.code() == 250
+    assert raw.reply() == (250, ["2.0.0 OK"])
+    assert server.read_queued("example.org")[0]["rcpts"] == ["bob@example.org"]
+
+
+def test_a_whole_pipelined_transaction_in_one_write_is_stored_once(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    raw.send("RSET\r\nMAIL FROM:<a@sender.example>\r\nRCPT TO:<x@elsewhere.example>\r\n"
+             "DATA\r\n")
+    assert [raw.code() for _ in range(4)] == [250, 250, 550, 503]
+    raw.send("RSET\r\nMAIL FROM:<a@sender.example>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    assert [raw.code() for _ in range(4)] == [250, 250, 250, 354]
+    raw.send(b"Subject: 1\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert raw.code() == 250
+    assert raw.code() == 221
+    assert len(server.queued("example.org")) == 1
+
+
+# -- DATA: transparency, 8-bit, long lines, size ----------------------------------
+
+def test_dot_stuffed_lines_are_stored_unstuffed_exactly(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw)
+    wire = (b"Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\nx.y\r\n"
+            b" .\r\n.\t.\r\n\r\n.\r\n")
+    code, lines = core_send_data(raw, wire)
+    assert code == 250
+    _, data = server.read_queued("example.org")
+    assert message_body(data) == (b"Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\n"
+                                  b"x.y\r\n .\r\n\t.\r\n\r\n")
+
+
+def test_smtplib_dot_stuffing_round_trips_unchanged(make_server):
+    server = core_server(make_server)
+    body = b"Subject: dots\r\n\r\n.\r\n..\r\n.x\r\n..y\r\n...\r\nend\r\n"
+    send_mail(server, ["bob@example.org"], body)
+    assert message_body(server.read_queued("example.org")[1]) == body
+
+
+def test_an_empty_message_is_stored_with_only_our_received_line(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw)
+    assert core_send_data(raw, b".\r\n")[0] == 250
+    _, data = server.read_queued("example.org")
+    assert message_body(data) == b""
+
+
+def test_eight_bit_bytes_pass_unchanged(make_server):
+    server = core_server(make_server)
+    every_byte = bytes(b for b in range(256) if b not in (10, 13))
+    body = (b"Subject: =?utf-8?q?8bit?=\r\n\r\n" + every_byte + b"\r\n"
+            + "gr\u00fc\u00df \u65e5\u672c".encode("utf-8") + b"\r\n\xff\xfe\x80\r\n")
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example> BODY=8BITMIME")[0] == 250
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 250
+    assert core_send_data(raw, body + b".\r\n")[0] == 250
+    assert message_body(server.read_queued("example.org")[1]) == body
+
+
+@pytest.mark.parametrize("length", [998, 1000, 5000, turnd.DATA_CHUNK - 1, turnd.DATA_CHUNK,
+                                    turnd.DATA_CHUNK + 1, 3 * turnd.DATA_CHUNK + 7])
+def test_long_text_lines_are_accepted_and_passed_unchanged(make_server, length):
+    # The documented policy: lines over RFC 5321's 1000 octets are kept as
+    # they are.  Lines longer than the read chunk are split internally; a dot
+    # or CR/LF just after a split must not be mistaken for a line start.
+    server = core_server(make_server)
+    long_line = (b"ab" * length)[:length]
+    after_split = b"." + b"c" * (turnd.DATA_CHUNK - 1) + b".tail"
+    body = (b"Subject: long\r\n\r\n" + long_line + b"\r\n"
+            + b"x" * (length - 1) + b"\r\n" + after_split + b"\r\n")
+    wire = body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    raw = core_client(server)
+    core_transaction(raw)
+    code, lines = core_send_data(raw, wire)
+    assert code == 250, lines
+    assert message_body(server.read_queued("example.org")[1]) == body
+
+
+def test_a_message_over_max_message_size_is_refused_with_552_and_not_stored(make_server):
+    server = core_server(make_server, turnd_section={"max_message_size": "10K"})
+    raw = core_client(server)
+    core_transaction(raw)
+    body = b"Subject: big\r\n\r\n" + (b"z" * 78 + b"\r\n") * 200
+    code, lines = core_send_data(raw, body + b".\r\n")
+    assert (code, lines[-1].split()[0]) == (552, "5.3.4")
+    assert server.queued("example.org") == []
+    assert server.tmp_files() == []
+    # The session read to the real end of data and is still in step.
+    assert raw.cmd("NOOP") == (250, "2.0.0 OK")
+    core_transaction(raw)
+    assert core_send_data(raw, b"Subject: small\r\n\r\nok\r\n.\r\n")[0] == 250
+    assert len(server.queued("example.org")) == 1
+
+
+def test_a_message_larger_than_its_declared_size_and_the_limit_gets_552(make_server):
+    server = core_server(make_server, turnd_section={"max_message_size": "10K"})
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example> SIZE=100")[0] == 250
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 250
+    code, _ = core_send_data(raw, b"Subject: big\r\n\r\n" + b"z" * 20000 + b"\r\n.\r\n")
+    assert code == 552
+    assert server.queued("example.org") == [] and server.tmp_files() == []
+
+
+def test_a_message_of_exactly_max_message_size_is_accepted(make_server):
+    # RFC 1870 section 5: the size counts the CRLFs but not the stuffed dots.
+    server = core_server(make_server, turnd_section={"max_message_size": "1000"})
+    body = b"Subject: x\r\n\r\n" + b"." * 984 + b"\r\n"
+    assert len(body) == 1000
+    raw = core_client(server)
+    core_transaction(raw)
+    assert core_send_data(raw, b"." + body + b".\r\n")[0] == 250
+    raw.cmd("RSET")
+    core_transaction(raw)
+    assert core_send_data(raw, b"." + body + b"y\r\n.\r\n")[0] == 552
+
+
+def test_data_is_streamed_to_the_spool_while_it_arrives(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw)
+    assert raw.cmd("DATA")[0] == 354
+    chunk = (b"s" * 1022 + b"\r\n") * 1024            # 1 MiB
+    raw.send(b"Subject: stream\r\n\r\n")
+    for _ in range(2):
+        raw.send(chunk)
+
+    def tmp_size():
+        total = 0
+        for root, dirs, files in os.walk(server.spool):
+            if os.path.basename(root) == "tmp":
+                total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+        return total > (1 << 20)
+    wait_for(tmp_size, what="the tmp/ file to grow before the end of data")
+    assert server.queued("example.org") == []
+    raw.send(b".\r\n")
+    assert raw.code() == 250
+    assert server.tmp_files() == []
+
+
+# -- the Received line -------------------------------------------------------------
+
+def test_the_received_line_comes_first_with_helo_ip_hostname_protocol_and_queue_id(make_server):
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw)
+    before = time.time()
+    code, lines = core_send_data(raw, b"Received: from older.example by x; "
+                                 b"Mon, 1 Jan 2024 00:00:00 +0000\r\nSubject: r\r\n\r\nx\r\n.\r\n")
+    assert code == 250
+    qid = core_qid(lines)
+    assert server.queued("example.org") == [qid]
+    envelope, data = server.read_queued("example.org")
+    assert envelope["id"] == qid
+    assert data.startswith(b"Received: from client.test ([127.0.0.1])\r\n")
+    message = email.message_from_bytes(data, policy=email.policy.compat32)
+    received = message.get_all("Received")
+    assert len(received) == 2 and received[1].startswith("from older.example")
+    ours = " ".join(received[0].split())
+    assert re.search(r"\bby mx\.test\.example\b", ours), ours
+    assert re.search(r"\bwith ESMTP id %s;" % qid, ours), ours
+    stamp = email.utils.parsedate_to_datetime(ours.rsplit(";", 1)[1].strip())
+    assert stamp.utcoffset() is not None                   # numeric zone
+    assert before - 5 < stamp.timestamp() < time.time() + 5
+
+
+def test_the_received_line_says_smtp_after_helo(make_server):
+    server = core_server(make_server)
+    raw = core_client(server, helo="HELO plain.client.test")
+    core_transaction(raw)
+    assert core_send_data(raw, b"Subject: r\r\n\r\nx\r\n.\r\n")[0] == 250
+    _, data = server.read_queued("example.org")
+    head = data.split(b"\r\n\r\n")[0].decode()
+    assert head.startswith("Received: from plain.client.test ([127.0.0.1])")
+    assert " with SMTP id " in head and " with ESMTP " not in head
+
+
+@pytest.mark.parametrize("helo", [
+    "EHLO evil.example (X-Injected: 1; by forged.example)",
+    "HELO x\tX-Injected: 1",
+    "EHLO a;X-Injected:1",
+    "EHLO X-Injected: 1",
+    "EHLO evil.example ([10.0.0.1]) by forged.example with ESMTP id FORGED;",
+])
+def test_a_crafted_helo_name_cannot_inject_header_lines(make_server, helo):
+    server = core_server(make_server)
+    raw = core_client(server, helo=None)
+    code, _ = raw.cmd(helo)
+    if code != 250:
+        assert code in (500, 501)             # refused outright is fine too
+        return
+    core_transaction(raw)
+    assert core_send_data(raw, b"Subject: inj\r\n\r\nx\r\n.\r\n")[0] == 250
+    _, data = server.read_queued("example.org")
+    head, _, _ = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    # Our trace is the first three lines (one line, folded twice), then the
+    # client's own header: no other header field appeared.
+    assert lines[0].startswith(b"Received: from ")
+    assert all(line[:1] in (b"\t", b" ") for line in lines[1:3]), lines
+    assert lines[3:] == [b"Subject: inj"]
+    message = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert message.keys() == ["Received", "Subject"]
+    value = " ".join(message["Received"].split())
+    assert value.count(";") == 1 and value.count("(") == 2, value
+    helo_part = value.split()[1]
+    assert re.fullmatch(r"[A-Za-z0-9.:\[\]?-]+", helo_part), helo_part
+    assert re.search(r" \(\[127\.0\.0\.1\]\) by mx\.test\.example ", value), value
+
+
+# -- SMTP smuggling (2023): only <CRLF>.<CRLF> ends the data ----------------------
+
+CORE_SMUGGLED = (b"MAIL FROM:<ceo@sender.example>\r\nRCPT TO:<victim@example.org>\r\n"
+                 b"DATA\r\nFrom: ceo@sender.example\r\nSubject: smuggled\r\n\r\nsend money")
+
+
+@pytest.mark.parametrize("fake_end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r",
+                                      b"\r\n.\r", b"\r.\r\n"],
+                         ids=["LF.LF", "CRLF.LF", "LF.CRLF", "CR.CR", "CRLF.CR", "CR.CRLF"])
+def test_a_smuggled_message_gets_one_554_and_nothing_is_queued(make_server, fake_end):
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw)
+    assert raw.cmd("DATA")[0] == 354
+    raw.send(b"From: a@sender.example\r\nSubject: outer\r\n\r\nhello" + fake_end
+             + CORE_SMUGGLED + b"\r\n.\r\n")
+    code, lines = raw.reply()
+    assert (code, lines[-1].split()[0]) == (554, "5.6.0"), (code, lines)
+    # Exactly one reply for all of it: the next reply is NOOP's, not a
+    # 250 for a smuggled MAIL, RCPT or DATA.
+    assert raw.cmd("NOOP") == (250, "2.0.0 OK")
+    assert server.queued("example.org") == []
+    assert server.tmp_files() == []
+    # The session is still usable: the transaction was reset.
+    assert raw.cmd("RCPT TO:<bob@example.org>")[0] == 503
+    core_transaction(raw)
+    assert core_send_data(raw, b"Subject: clean\r\n\r\nok\r\n.\r\n")[0] == 250
+    envelope, data = server.read_queued("example.org")
+    assert envelope["sender"] == CORE_SENDER and b"smuggled" not in data
+
+
+@pytest.mark.parametrize("line", [b"bare\rCR in a line", b"bare\nLF in a line",
+                                  b"ends in a bare CR\r", b"\n", b"\r"],
+                         ids=["CR", "LF", "trailing CR", "lone LF", "lone CR"])
+def test_a_bare_cr_or_lf_inside_the_data_gets_554(make_server, line):
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw)
+    code, lines = core_send_data(raw, b"Subject: bare\r\n\r\nbefore\r\n" + line
+                                 + b"\r\nafter\r\n.\r\n")
+    assert (code, lines[-1].split()[0]) == (554, "5.6.0")
+    assert raw.cmd("NOOP") == (250, "2.0.0 OK")
+    assert server.queued("example.org") == [] and server.tmp_files() == []
+
+
+def test_a_fake_end_of_data_alone_does_not_end_the_data(make_server):
+    # "<LF>.<LF>" must leave the server in DATA: the NOOP after it is message
+    # text, so the first reply of all is the one for the real end of data.
+    server = core_server(make_server)
+    raw = core_client(server)
+    core_transaction(raw)
+    assert raw.cmd("DATA")[0] == 354
+    raw.send(b"Subject: x\r\n\r\nhello\n.\nNOOP\r\n")
+    raw.send(b".\r\nNOOP\r\n")
+    assert raw.code() == 554
+    assert raw.reply() == (250, ["2.0.0 OK"])
+
+
+# -- the spool -------------------------------------------------------------------
+
+def test_a_message_for_two_held_domains_becomes_two_files_with_their_own_recipients(make_server):
+    server = make_server(domains={"one.example": {"route": "hold"},
+                                  "two.example": {"route": "hold"}})
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example> BODY=8BITMIME")[0] == 250
+    for rcpt in ("a@one.example", "b@two.example", "c@one.example", "x@elsewhere.example"):
+        raw.cmd("RCPT TO:<%s>" % rcpt)
+    before = time.time()
+    code, lines = core_send_data(raw, b"Subject: both\r\n\r\n\xe9t\xe9\r\n.\r\n")
+    assert code == 250
+    qid = core_qid(lines)
+    assert server.queued("one.example") == [qid]
+    assert server.queued("two.example") == [qid]
+    one, data_one = server.read_queued("one.example")
+    two, data_two = server.read_queued("two.example")
+    assert one["rcpts"] == ["a@one.example", "c@one.example"]
+    assert two["rcpts"] == ["b@two.example"]
+    assert data_one == data_two
+    assert message_body(data_one) == b"Subject: both\r\n\r\n\xe9t\xe9\r\n"
+    for envelope in (one, two):
+        assert envelope["id"] == qid
+        assert envelope["sender"] == "a@sender.example"
+        assert envelope["client"] == "127.0.0.1"
+        assert envelope["helo"] == "client.test"
+        assert envelope["body"] == "8BITMIME"
+        assert before - 5 < envelope["arrival"] <= time.time() + 1
+    assert server.tmp_files() == []
+    for name in ("one.example", "two.example"):
+        mode = os.stat(os.path.join(server.spool, name, "new", qid)).st_mode
+        assert mode & 0o077 == 0, oct(mode)       # not readable by others
+
+
+@pytest.mark.parametrize("rcpt", [
+    "a@../../etc", "a@..", "a@.", "a@foo/bar", "a@foo\\bar", "a@../x.example",
+    "a@" + "l" * 64 + ".example", "a@" + ".".join(["d" * 60] * 5),
+    "a@x..example", "a@-x.example", "a@%2e%2e", "a@_smarthost", "a@example.org/../../etc",
+])
+def test_path_traversal_recipients_are_refused_and_nothing_is_created(make_server, tmp_path, rcpt):
+    server = core_server(make_server)
+    parent = tmp_path.parent
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    before, before_parent = core_tree(tmp_path), set(os.listdir(str(parent)))
+    code, text = raw.cmd("RCPT TO:<%s>" % rcpt)
+    assert code in (501, 550), (rcpt, code, text)
+    assert raw.cmd("DATA")[0] == 503
+    assert core_tree(tmp_path) == before
+    assert set(os.listdir(str(parent))) == before_parent
+    assert not os.path.exists(os.path.join(str(tmp_path), "etc"))
+
+
+def test_a_nul_in_a_recipient_domain_is_refused(make_server, tmp_path):
+    server = core_server(make_server)
+    raw = core_client(server)
+    assert raw.cmd("MAIL FROM:<a@sender.example>")[0] == 250
+    before = core_tree(tmp_path)
+    raw.send(b"RCPT TO:<a@example.org\x00/../../etc>\r\n")
+    assert raw.code() in (500, 501, 550)
+    assert raw.cmd("DATA")[0] == 503
+    assert core_tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("arg", ["../../etc", "..", "foo/bar", "@../..", "#../..",
+                                 "a" * 64 + ".example"])
+def test_path_traversal_etrn_arguments_create_nothing(make_server, tmp_path, arg):
+    server = core_server(make_server)
+    raw = core_client(server)
+    before = core_tree(tmp_path)
+    code, _ = raw.cmd("ETRN " + arg)
+    assert code in (459, 500, 501), (arg, code)
+    assert core_tree(tmp_path) == before
+
+
+def test_one_hundred_received_headers_is_a_loop_refused_with_554_5_4_6(make_server):
+    # RFC 5321 section 6.3: a large threshold, "normally at least 100".
+    server = core_server(make_server)
+    raw = core_client(server)
+    hop = b"Received: from hop.example by hop.example; Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+    core_transaction(raw)
+    code, lines = core_send_data(raw, hop * 100 + b"Subject: loop\r\n\r\nx\r\n.\r\n")
+    assert (code, lines[-1].split()[0]) == (554, "5.4.6")
+    assert server.queued("example.org") == [] and server.tmp_files() == []
+    core_transaction(raw)
+    assert core_send_data(raw, hop * 99 + b"Subject: ok\r\n\r\nx\r\n.\r\n")[0] == 250
+    # Received lines in the body are not trace fields and do not count.
+    core_transaction(raw)
+    assert core_send_data(raw, b"Subject: body\r\n\r\n" + hop * 150 + b".\r\n")[0] == 250
+
+
+def test_a_write_error_answers_452_4_3_1_and_leaves_nothing_in_new(make_server, monkeypatch):
+    server = core_server(make_server)
+    real_write = turnd.Incoming.write
+    written = []
+
+    def failing_write(self, data):
+        written.append(len(data))
+        if len(written) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data)
+    monkeypatch.setattr(turnd.Incoming, "write", failing_write)
+    raw = core_client(server)
+    core_transaction(raw)
+    code, lines = core_send_data(raw, b"Subject: full\r\n\r\n" + b"line\r\n" * 50 + b".\r\n")
+    assert (code, lines[-1].split()[0]) == (452, "4.3.1")
+    assert server.queued("example.org") == [] and server.tmp_files() == []
+    monkeypatch.undo()
+    assert raw.cmd("NOOP") == (250, "2.0.0 OK")
+    core_transaction(raw)
+    assert core_send_data(raw, b"Subject: ok\r\n\r\nx\r\n.\r\n")[0] == 250
+
+
+def test_an_fsync_failure_answers_452_and_leaves_nothing_in_new(make_server, monkeypatch):
+    server = make_server(domains={"one.example": {"route": "hold"},
+                                  "two.example": {"route": "hold"}})
+
+    def failing_fsync(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    raw = core_client(server)
+    core_transaction(raw, ["a@one.example", "b@two.example"])
+    monkeypatch.setattr(turnd.os, "fsync", failing_fsync)
+    code, lines = core_send_data(raw, b"Subject: eio\r\n\r\nx\r\n.\r\n")
+    monkeypatch.undo()
+    assert (code, lines[-1].split()[0]) == (452, "4.3.1")
+    assert server.queued("one.example") == [] and server.queued("two.example") == []
+    assert server.tmp_files() == []
+
+
+def test_an_unwritable_spool_answers_452_at_end_of_data(make_server, tmp_path):
+    # The spool path is a file: no queue directory can be made.
+    server = core_server(make_server)
+    with open(server.spool, "w") as fh:
+        fh.write("not a directory")
+    raw = core_client(server)
+    core_transaction(raw)
+    code, lines = core_send_data(raw, b"Subject: x\r\n\r\nx\r\n.\r\n")
+    assert (code, lines[-1].split()[0]) == (452, "4.3.1")
+    assert raw.cmd("NOOP") == (250, "2.0.0 OK")
+
+
+def test_leftovers_in_tmp_are_removed_at_start_but_a_file_being_written_is_kept(tmp_path):
+    config = write_config(str(tmp_path), domains={"example.org": {"route": "hold"}})
+    tmp = tmp_path / "spool" / "example.org" / "tmp"
+    tmp.mkdir(parents=True)
+    (tmp_path / "spool" / "example.org" / "new").mkdir()
+    crashed, live = tmp / "0000000000001CRASH", tmp / "0000000000002LIVE"
+    crashed.write_bytes(b'{"id":"half"}\nSubject: half')
+    live.write_bytes(b"being written")
+    with open(str(live), "rb") as holder:
+        fcntl.flock(holder.fileno(), fcntl.LOCK_EX)
+        child = subprocess.Popen([sys.executable, TURND, "-c", config],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for(lambda: not crashed.exists(), what="turnd to clean tmp/")
+            assert live.exists()
+        finally:
+            child.send_signal(signal.SIGTERM)
+            out, err = child.communicate(timeout=DEADLINE)
+    assert child.returncode == 0, err
+    assert "Traceback" not in err
+    assert "removed 1 unfinished file(s)" in err
+
+
+# -- limits: connections -------------------------------------------------------------
+
+def test_past_max_connections_a_connection_gets_421_4_3_2_and_is_closed(make_server):
+    server = core_server(make_server, turnd_section={"max_connections": "2"})
+    first, second = server.raw(), server.raw()
+    assert first.code() == 220 and second.code() == 220
+    third = server.raw()
+    code, lines = third.reply()
+    assert (code, lines[-1].split()[0]) == (421, "4.3.2")
+    assert third.closed()
+    assert first.cmd("NOOP")[0] == 250 and second.cmd("NOOP")[0] == 250
+    first.send("QUIT\r\n")
+    assert first.code() == 221
+    wait_for(lambda: server.app.connections < 2, what="the slot to be released")
+    fourth = server.raw()
+    assert fourth.code() == 220
+    assert fourth.cmd("NOOP")[0] == 250
+
+
+def test_a_client_that_drops_the_connection_frees_its_slot(make_server):
+    server = core_server(make_server, turnd_section={"max_connections": "1"})
+    first = server.raw()
+    assert first.code() == 220
+    first.send("MAIL FROM:<a@sender.example>\r\nDATA\r\n")
+    first.close()
+    wait_for(lambda: server.app.connections == 0, what="the slot to be released")
+    assert server.raw().code() == 220
+
+
+def test_an_idle_client_gets_421_4_4_2_and_its_slot_back(make_server, log_capture):
+    server = core_server(make_server, turnd_section={"timeout": "1s", "max_connections": "1"})
+    raw = core_client(server)
+    started = time.monotonic()
+    code, lines = raw.reply()                 # nothing sent: wait for the server
+    assert (code, lines[-1].split()[0]) == (421, "4.4.2")
+    assert time.monotonic() - started < DEADLINE / 2
+    assert raw.closed()
+    wait_for(lambda: server.app.connections == 0, what="the slot to be released")
+    assert server.raw().code() == 220
+    assert not [r for r in log_capture.records if r.exc_info]
+
+
+def test_an_unexpected_error_answers_451_without_internals_and_is_logged_once(
+        make_server, log_capture, monkeypatch):
+    server = core_server(make_server)
+
+    def broken(self, arg):
+        raise RuntimeError("internal secret /etc/shadow")
+    monkeypatch.setattr(turnd.SMTPHandler, "smtp_NOOP", broken)
+    raw = core_client(server)
+    code, lines = raw.cmd("NOOP")
+    assert (code, lines.split()[0]) == (451, "4.3.0")
+    assert "secret" not in lines and "RuntimeError" not in lines
+    assert raw.closed()
+    wait_for(lambda: any("ended" in r.getMessage() for r in log_capture.records),
+             what="the session end line")
+    with_traceback = [r for r in log_capture.records if r.exc_info]
+    assert len(with_traceback) == 1, [r.getMessage() for r in with_traceback]
+    assert isinstance(with_traceback[0].exc_info[1], RuntimeError)
+    # Expected here: keep the fixture's no-traceback check for everything else.
+    log_capture.records.remove(with_traceback[0])
+
+
+# -- listeners: IPv6 and several addresses --------------------------------------------
+
+def core_ipv6_loopback():
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_mail_is_accepted_on_every_ipv4_listen_address(make_server):
+    server = core_server(make_server, turnd_section={"listen": "127.0.0.1:0, 127.0.0.1:0"})
+    ports = [s.server_address[1] for s in server.app.servers]
+    assert len(ports) == 2 and ports[0] != ports[1]
+    for port in ports:
+        raw = core_client(server, port=port)
+        core_transaction(raw)
+        assert core_send_data(raw, b"Subject: v4\r\n\r\nx\r\n.\r\n")[0] == 250
+    assert len(server.queued("example.org")) == 2
+
+
+def test_ipv4_and_ipv6_listeners_both_accept_mail(make_server):
+    if not core_ipv6_loopback():
+        pytest.skip("IPv6 loopback ::1 cannot be bound on this machine")
+    server = core_server(make_server, turnd_section={"listen": "127.0.0.1:0, [::1]:0"})
+    families = {s.address_family: s.server_address[1] for s in server.app.servers}
+    assert set(families) == {socket.AF_INET, socket.AF_INET6}
+    with server.smtp() as client:
+        client.ehlo("v4.client.test")
+        client.sendmail("a@sender.example", ["v4@example.org"], b"Subject: v4\r\n\r\nx\r\n")
+    with smtplib.SMTP("::1", families[socket.AF_INET6], timeout=DEADLINE) as client:
+        client.ehlo("v6.client.test")
+        client.sendmail("a@sender.example", ["v6@example.org"], b"Subject: v6\r\n\r\nx\r\n")
+    names = server.queued("example.org")
+    assert len(names) == 2
+    clients = {}
+    for name in names:
+        envelope, data = server.read_queued("example.org", name)
+        clients[envelope["rcpts"][0]] = (envelope["client"], data.split(b"\r\n")[0])
+    assert clients["v4@example.org"] == ("127.0.0.1", b"Received: from v4.client.test ([127.0.0.1])")
+    assert clients["v6@example.org"][0] == "::1"
+    assert clients["v6@example.org"][1] == b"Received: from v6.client.test ([::1])"
+
+
+# -- concurrency -----------------------------------------------------------------------
+
+def test_ten_parallel_clients_sending_1000_messages_in_all_each_land_exactly_once(make_server):
+    server = core_server(make_server)
+    clients, per_client = 10, 100
+    acknowledged, failures, lock = {}, [], threading.Lock()
+    filler = (b"0123456789abcdef" * 4 + b"\r\n") * 30      # about 2 KB
+
+    def run(number):
+        try:
+            with server.smtp() as client:
+                client.ehlo("client%d.test" % number)
+                for index in range(per_client):
+                    marker = "msg-%d-%d" % (number, index)
+                    client.mail("c%d@sender.example" % number)
+                    assert client.rcpt("bob@example.org")[0] == 250
+                    code, text = client.data(("Subject: %s\r\n\r\n" % marker).encode() + filler)
+                    assert code == 250, (code, text)
+                    with lock:
+                        acknowledged[core_qid(text.decode())] = marker
+        except Exception as exc:                    # reported by the main thread
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures[:3]
+    assert len(acknowledged) == clients * per_client           # ids are unique
+    names = server.queued("example.org")
+    assert len(names) == len(set(names)) == clients * per_client
+    assert set(names) == set(acknowledged)
+    for name in names:
+        with open(os.path.join(server.spool, "example.org", "new", name), "rb") as fh:
+            envelope = json.loads(fh.readline())
+            data = fh.read()
+        assert envelope["id"] == name
+        assert ("Subject: %s\r\n" % acknowledged[name]).encode() in data
+        assert data.endswith(filler)
+    assert server.tmp_files() == []
+
+
+# -- logging -----------------------------------------------------------------------------
+
+def test_sessions_and_accepted_messages_are_logged_one_line_each(make_server, log_capture):
+    server = core_server(make_server)
+    qid = send_mail(server, ["bob@example.org"], sender="alice@sender.example")
+
+    def lines():
+        return [r.getMessage() for r in log_capture.records if r.name == "turnd"]
+    wait_for(lambda: any("ended" in line for line in lines()), what="the session end line")
+    starts = [l for l in lines() if l.startswith("connection from [127.0.0.1]")]
+    ends = [l for l in lines() if l.startswith("session with [127.0.0.1] ended")]
+    accepted = [l for l in lines() if qid in l]
+    assert len(starts) == 1 and len(ends) == 1, lines()
+    assert "1 message(s) accepted" in ends[0]
+    assert len(accepted) == 1, lines()
+    for part in ("[127.0.0.1]", "alice@sender.example", "bob@example.org", "bytes"):
+        assert part in accepted[0], accepted[0]
+
+
+def test_a_refused_message_is_logged_with_its_reason_on_one_line(make_server, log_capture):
+    server = core_server(make_server, turnd_section={"max_message_size": "1K"})
+    raw = core_client(server)
+    core_transaction(raw)
+    assert core_send_data(raw, b"x" * 2000 + b"\r\n.\r\n")[0] == 552
+    raw.cmd("QUIT")
+    wait_for(lambda: any("ended" in r.getMessage() for r in log_capture.records),
+             what="the session end line")
+    text = log_capture.text
+    assert "refused" in text and "552" in text
+    assert "0 message(s) accepted" in text
+    assert all("\r" not in r.getMessage() and "\n" not in r.getMessage()
+               for r in log_capture.records)
+
+
+# -- configuration and the command line ---------------------------------------------------
+
+def test_help_prints_the_manual_and_exits_0():
+    result = core_run("--help")
+    assert result.returncode == 0, result.stderr
+    for heading in ("SYNOPSIS", "CONFIGURATION", "SPOOL", "POLICIES", "ETRN", "--check"):
+        assert heading in result.stdout, heading
+
+
+def test_version_prints_the_version_and_exits_0():
+    result = core_run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == "turnd %s" % turnd.__version__
+
+
+def test_check_on_a_good_configuration_lists_the_domains_and_exits_0(tmp_path):
+    config = write_config(str(tmp_path), turnd_section={"max_message_size": "2M"},
+                          domains={"example.org": {"route": "hold", "subdomains": "yes"},
+                                   "Other.Example": {"route": "192.0.2.1:2525",
+                                                     "etrn_from": "192.0.2.0/24"}})
+    result = core_run("-c", config, "--check")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert config in out
+    assert "mx.test.example" in out and "127.0.0.1:0" in out
+    assert re.search(r"example\.org +route hold .*subdomains", out), out
+    assert re.search(r"other\.example +route 192\.0\.2\.1:2525 +etrn_from 192\.0\.2\.0/24", out), out
+    assert not os.path.exists(os.path.join(str(tmp_path), "spool"))     # --check writes nothing
+
+
+def test_check_without_a_configuration_describes_the_loopback_demo(tmp_path):
+    result = core_run("--check", cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "demo.example" in result.stdout
+    assert "127.0.0.1:2525" in result.stdout
+    assert os.path.join(str(tmp_path), "spool") in result.stdout
+    assert not os.path.exists(os.path.join(str(tmp_path), "spool"))
+
+
+CORE_BAD_CONFIGS = [
+    # id, [turnd] keys, domains, text appended, words the message must contain
+    ("size suffix", {"max_message_size": "10X"}, None, "", ["max_message_size", "10X"]),
+    ("duration", {"timeout": "soon"}, None, "", ["timeout", "soon"]),
+    ("route", {}, {"example.org": {"route": "bad host!"}}, "", ["route", "example.org"]),
+    ("unknown key", {"colour": "blue"}, None, "", ["colour"]),
+    ("unknown domain key", {}, {"example.org": {"rout": "hold"}}, "", ["rout", "example.org"]),
+    ("unknown section", {}, None, "\n[mystery]\nx = 1\n", ["mystery"]),
+    ("etrn_from", {}, {"example.org": {"etrn_from": "not-a-net"}}, "", ["etrn_from"]),
+    ("owners", {}, {"example.org": {"owners": "mallory"}}, "", ["owners", "mallory"]),
+    ("tls half", {"tls_cert": "/nonexistent/cert.pem"}, None, "", ["tls_cert", "tls_key"]),
+    ("listen", {"listen": "nonsense"}, None, "", ["listen"]),
+    ("listen port", {"listen": "127.0.0.1:99999"}, None, "", ["listen"]),
+    ("recipients", {"max_recipients": "0"}, None, "", ["max_recipients"]),
+    ("connections", {"max_connections": "many"}, None, "", ["max_connections"]),
+    ("boolean", {}, {"example.org": {"subdomains": "maybe"}}, "", ["subdomains"]),
+    ("domain name", {}, {"../etc": {"route": "hold"}}, "", ["../etc"]),
+    ("duplicate key", {}, None, "\n[domain dup.example]\nroute = hold\nroute = client\n",
+     ["route"]),
+]
+
+
+@pytest.mark.parametrize("section, domains, extra, words", [c[1:] for c in CORE_BAD_CONFIGS],
+                         ids=[c[0] for c in CORE_BAD_CONFIGS])
+def test_a_bad_configuration_value_exits_2_with_one_line_naming_key_and_file(
+        tmp_path, section, domains, extra, words):
+    config = write_config(str(tmp_path), turnd_section=section, domains=domains,
+                          users={"alice": "secret"})
+    with open(config, "a") as fh:
+        fh.write(extra)
+    for args in (["-c", config, "--check"], ["-c", config]):
+        result = core_run(*args)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        message = result.stderr.strip()
+        assert "\n" not in message, message
+        assert "Traceback" not in result.stderr
+        assert config in message, message
+        for word in words:
+            assert word in message, (word, message)
+
+
+def test_a_group_readable_users_file_is_refused_with_chmod_advice(tmp_path):
+    config = write_config(str(tmp_path), users={"alice": "secret"},
+                          domains={"example.org": {"owners": "alice"}})
+    users = os.path.join(str(tmp_path), "users")
+    os.chmod(users, 0o644)
+    result = core_run("-c", config, "--check")
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert users in message and "chmod 600" in message
+    os.chmod(users, 0o600)
+    assert core_run("-c", config, "--check").returncode == 0
+
+
+def test_a_missing_configuration_file_exits_2_naming_it(tmp_path):
+    missing = os.path.join(str(tmp_path), "nowhere.conf")
+    result = core_run("-c", missing, "--check")
+    assert result.returncode == 2
+    assert missing in result.stderr and result.stderr.strip().count("\n") == 0
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["--check", "--queue"], ["-c"],
+                                  ["--odmr"], ["--domain", "../x", "--check"]])
+def test_a_bad_command_line_exits_2_with_one_line(tmp_path, args):
+    result = core_run(*args, cwd=str(tmp_path))
+    assert result.returncode == 2, (args, result.stdout, result.stderr)
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("turnd")
+
+
+def test_command_line_values_override_the_file(tmp_path):
+    config = write_config(str(tmp_path), domains={"example.org": {"route": "hold"}})
+    other = os.path.join(str(tmp_path), "other-spool")
+    result = core_run("-c", config, "--check", "--listen", "127.0.0.1:2599", "--spool", other,
+                      "--domain", "extra.example=hold")
+    assert result.returncode == 0, result.stderr
+    assert "127.0.0.1:2599" in result.stdout and "127.0.0.1:0" not in result.stdout
+    assert other in result.stdout
+    assert "extra.example" in result.stdout and "example.org" in result.stdout
+
+
+def test_a_listen_address_in_use_exits_2_with_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        config = write_config(str(tmp_path), turnd_section={"listen": "127.0.0.1:%d" % port},
+                              domains={"example.org": {"route": "hold"}})
+        result = core_run("-c", config)
+    assert result.returncode == 2
+    assert "127.0.0.1:%d" % port in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
