@@ -10,6 +10,7 @@ skipped with a reason when it is absent; .ci/run installs them.
 """
 
 import base64
+import collections
 import contextlib
 import email
 import email.policy
@@ -21,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -1789,3 +1791,838 @@ def test_a_listen_address_in_use_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert "127.0.0.1:%d" % port in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Running turnd for real (issue 5): --inetd on fd 0, xinetd and systemd
+# socket activation, the daemon's signals (TERM, INT, HUP), privileges and
+# logs.  turnd runs as a child process here, as an operator would run it.
+# ---------------------------------------------------------------------------
+
+OPS_XINETD = shutil.which("xinetd") or shutil.which("xinetd", path="/usr/sbin:/sbin")
+OPS_SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
+OPS_TCPSERVER = shutil.which("tcpserver")
+
+# The xinetd service the README documents, with what a private test
+# instance needs on top: an unlisted service on a loopback port, our own
+# uid (a non-root xinetd can only run services as itself), no tcp_wrappers
+# and a service log in the test's directory.  Everything else is the
+# README's file line for line.
+OPS_XINETD_CONF = """\
+defaults
+{{
+}}
+
+service turnd-test
+{{
+    type           = UNLISTED
+    port           = {port}
+    bind           = 127.0.0.1
+    flags          = NOLIBWRAP
+    log_type       = FILE {service_log}
+
+    disable        = no
+    socket_type    = stream
+    protocol       = tcp
+    wait           = no
+    user           = {user}
+    server         = {python}
+    server_args    = {turnd} --inetd -c {config}
+    passenv        = PATH
+    instances      = 50
+    per_source     = 10
+    cps            = 100 10
+    log_on_success = PID HOST EXIT DURATION
+    log_on_failure = HOST ATTEMPT
+}}
+"""
+
+
+@pytest.fixture
+def ops_procs():
+    """Child processes a test started; whatever still runs at the end is killed."""
+    procs = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def ops_config(directory, domains=None, users=None, **section):
+    """write_config() with the log in a file beside it: (config path, log path)."""
+    directory = str(directory)
+    os.makedirs(directory, exist_ok=True)
+    values = {"log": os.path.join(directory, "turnd.log"), "timeout": "30s"}
+    values.update(section)
+    return write_config(directory, values, domains, users), values["log"]
+
+
+def ops_read(path):
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return ""
+
+
+def ops_queued(spool, domain):
+    directory = os.path.join(spool, domain, "new")
+    return sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+
+
+def ops_spooled(spool, domain, name):
+    """The message bytes of a queued file (without its envelope line)."""
+    with open(os.path.join(spool, domain, "new", name), "rb") as fh:
+        fh.readline()
+        return fh.read()
+
+
+def ops_tmp_files(spool):
+    return [name for root, _, files in os.walk(spool) if os.path.basename(root) == "tmp"
+            for name in files]
+
+
+def ops_control_characters(text):
+    """Raw control characters in log text (newlines end records and are fine)."""
+    return sorted({repr(c) for c in text if (c < " " and c != "\n") or c == "\x7f"})
+
+
+def ops_env(**extra):
+    """Our environment without what a super-server sets, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TCPREMOTEIP", "REMOTE_HOST")}
+    env.update(extra)
+    return env
+
+
+def ops_cram_md5(client, user, secret):
+    code, challenge = client.cmd("AUTH CRAM-MD5")
+    assert code == 334, (code, challenge)
+    digest = hmac.new(secret.encode(), base64.b64decode(challenge), hashlib.md5).hexdigest()
+    return client.cmd(base64.b64encode(("%s %s" % (user, digest)).encode()).decode())
+
+
+def ops_auth_plain(client, user, secret):
+    return client.cmd("AUTH PLAIN " + base64.b64encode(
+        ("\0%s\0%s" % (user, secret)).encode()).decode())
+
+
+def ops_send(client, rcpts, body, sender="alice@sender.example"):
+    """One mail transaction by hand; returns the reply to the end of data."""
+    assert client.cmd("MAIL FROM:<%s>" % sender)[0] == 250
+    for rcpt in rcpts:
+        code, text = client.cmd("RCPT TO:<%s>" % rcpt)
+        assert code == 250, (rcpt, code, text)
+    assert client.cmd("DATA")[0] == 354
+    client.send(body + b".\r\n")
+    code, lines = client.reply()
+    return code, lines[-1]
+
+
+class OpsInetd:
+    """`turnd.py --inetd` as a child whose fds 0, 1 and 2 are one end of a
+    connection (as xinetd hands them over); .client is the other end."""
+
+    def __init__(self, procs, config, args=(), env=None, pair=None):
+        if pair is None:
+            pair = socket.socketpair()
+        ours, theirs = pair
+        self.proc = subprocess.Popen(
+            [sys.executable, TURND, "--inetd"] + list(args) + ["-c", config],
+            stdin=theirs, stdout=theirs, stderr=theirs, env=ops_env(**(env or {})))
+        procs.append(self.proc)
+        theirs.close()
+        self.client = RawClient(None, sock=ours)
+
+    def greet(self, helo="parttime.test"):
+        code, lines = self.client.reply()
+        assert code == 220, lines
+        self.client.send("EHLO %s\r\n" % helo)
+        code, extensions = self.client.reply()
+        assert code == 250, extensions
+        return lines, extensions
+
+    def quit(self):
+        """QUIT, read to EOF, and wait for the child: (exit status, stray bytes)."""
+        assert self.client.cmd("QUIT")[0] == 221
+        assert self.client.closed(), "turnd kept the connection open after 221"
+        stray, self.client.buffer = self.client.buffer, b""
+        self.client.close()
+        return self.proc.wait(DEADLINE), stray
+
+
+def ops_inetd_send(procs, config, rcpts, bodies):
+    """Queue `bodies` through one --inetd session; return their queue ids."""
+    child = OpsInetd(procs, config, env={"TCPREMOTEIP": "192.0.2.7"})
+    child.greet("sender.test")
+    ids = []
+    for body in bodies:
+        code, text = ops_send(child.client, rcpts, body)
+        assert code == 250, text
+        ids.append(text.rsplit(" ", 1)[-1])
+    assert child.quit() == (0, b"")
+    return ids
+
+
+# -- inetd mode: one session on fd 0 --------------------------------------------
+
+def test_inetd_session_spools_mail_then_delivers_its_etrn_after_quit(tmp_path, peer, ops_procs):
+    config, log_path = ops_config(tmp_path, domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": "127.0.0.0/8"}})
+    spool = os.path.join(str(tmp_path), "spool")
+    child = OpsInetd(ops_procs, config, env={"TCPREMOTEIP": "127.0.0.1"})
+    greeting, extensions = child.greet()
+    assert greeting == ["mx.test.example ESMTP turnd ready"]
+    assert "ETRN" in extensions and "PIPELINING" in extensions
+    body = b"Subject: inetd\r\n\r\ndelivered from fd 0\r\n"
+    code, text = ops_send(child.client, ["bob@parttime.example"], body)
+    assert code == 250, text
+    names = ops_queued(spool, "parttime.example")
+    assert len(names) == 1 and text.endswith(names[0])
+    spooled = ops_spooled(spool, "parttime.example", names[0])
+    assert message_body(spooled) == body and b"([127.0.0.1])" in spooled.split(b"\r\n")[0]
+    code, text = child.client.cmd("ETRN parttime.example")
+    assert code == 253, text
+    # The kicked delivery waits for the end of the session, then runs.
+    assert peer.connections == 0 and peer.received == []
+    status, stray = child.quit()
+    assert stray == b"", "only SMTP replies may reach the client: %r" % stray
+    assert status == 0
+    assert [(s, r, d) for s, r, d in peer.received] == [
+        ("alice@sender.example", ["bob@parttime.example"], spooled)]
+    assert ops_queued(spool, "parttime.example") == [] and ops_tmp_files(spool) == []
+    log_text = ops_read(log_path)
+    assert "ETRN parttime.example from [127.0.0.1]: 1 message(s)" in log_text
+    assert "delivered to <bob@parttime.example> via 127.0.0.1:%d" % peer.port in log_text
+
+
+def test_inetd_without_a_peer_address_refuses_etrn_for_a_client_route(tmp_path, peer, ops_procs):
+    # A socket pair has no peer address and no TCPREMOTEIP: the client is
+    # nobody in particular, so it cannot kick a client-routed domain.
+    config, log_path = ops_config(tmp_path, domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": "127.0.0.0/8"}})
+    ops_inetd_send(ops_procs, config, ["bob@parttime.example"], [b"Subject: x\r\n\r\nx\r\n"])
+    child = OpsInetd(ops_procs, config)
+    child.greet()
+    code, text = child.client.cmd("ETRN parttime.example")
+    assert code == 459 and "not authorized" in text, text
+    assert child.quit() == (0, b"")
+    assert peer.connections == 0
+    assert len(ops_queued(os.path.join(str(tmp_path), "spool"), "parttime.example")) == 1
+    assert "connection from [unknown]" in ops_read(log_path)
+
+
+def test_inetd_on_a_tcp_socket_takes_the_peer_address_from_the_socket(tmp_path, peer, ops_procs):
+    config, log_path = ops_config(tmp_path, domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": "127.0.0.0/8"}})
+    spool = os.path.join(str(tmp_path), "spool")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname(), timeout=DEADLINE)
+        theirs, _ = listener.accept()
+    child = OpsInetd(ops_procs, config, pair=(ours, theirs))     # no TCPREMOTEIP
+    child.greet()
+    code, text = ops_send(child.client, ["bob@parttime.example"], b"Subject: tcp\r\n\r\nhi\r\n")
+    assert code == 250, text
+    spooled = ops_spooled(spool, "parttime.example", ops_queued(spool, "parttime.example")[0])
+    assert b"([127.0.0.1])" in spooled.split(b"\r\n")[0]
+    assert child.client.cmd("ETRN parttime.example")[0] == 253
+    assert child.quit() == (0, b"")
+    assert [d for _, _, d in peer.received] == [spooled]
+    assert ops_queued(spool, "parttime.example") == []
+    assert "connection from [127.0.0.1]" in ops_read(log_path)
+
+
+def test_inetd_odmr_session_offers_auth_and_atrn_and_reverses_fd_0(tmp_path, ops_procs):
+    config, log_path = ops_config(
+        tmp_path, users={"alice": "opensesame"},
+        domains={"parttime.example": {"route": "hold", "owners": "alice"}})
+    spool = os.path.join(str(tmp_path), "spool")
+    body = b"Subject: odmr\r\n\r\n.leading dot survives\r\n"
+    ops_inetd_send(ops_procs, config, ["bob@parttime.example"], [body.replace(b"\n.", b"\n..")])
+    spooled = ops_spooled(spool, "parttime.example", ops_queued(spool, "parttime.example")[0])
+    child = OpsInetd(ops_procs, config, args=["--odmr"])
+    greeting, extensions = child.greet("customer.test")
+    assert greeting == ["mx.test.example ESMTP turnd On-Demand Mail Relay ready"]
+    assert "ATRN" in extensions and "ETRN" not in extensions
+    assert any(e.startswith("AUTH ") and "CRAM-MD5" in e for e in extensions), extensions
+    assert child.client.cmd("ETRN parttime.example")[0] == 502
+    assert ops_cram_md5(child.client, "alice", "opensesame")[0] == 235
+    assert child.client.cmd("ATRN parttime.example")[0] == 250
+    assert child.client.buffer == b""
+    # Now we are the part-time host's server on the same connection.
+    received, lock = [], threading.Lock()
+    session = PeerSession(child.client.sock, PeerBehaviour(), received, lock)
+    session.run()
+    assert session.commands[0].upper().startswith("EHLO") and session.commands[-1].upper() == "QUIT"
+    assert received == [("alice@sender.example", ["bob@parttime.example"], spooled)]
+    assert child.proc.wait(DEADLINE) == 0
+    assert ops_queued(spool, "parttime.example") == []
+    assert "reversing the connection for parttime.example" in ops_read(log_path)
+
+
+def test_inetd_with_a_broken_configuration_answers_421_and_exits_2(tmp_path, ops_procs):
+    config = os.path.join(str(tmp_path), "turnd.conf")
+    with open(config, "w") as fh:
+        fh.write("[turnd]\nmax_recipients = lots\n")
+    child = OpsInetd(ops_procs, config)
+    code, lines = child.client.reply()
+    assert "%d %s" % (code, lines[0]) == turnd.REPLIES["unavailable"]
+    assert child.proc.wait(DEADLINE) == 2
+
+
+def test_concurrent_inetd_processes_never_deliver_a_domain_twice(tmp_path, peer, ops_procs):
+    config, log_path = ops_config(tmp_path, domains={"parttime.example": {
+        "route": "127.0.0.1:%d" % peer.port}})
+    spool = os.path.join(str(tmp_path), "spool")
+    bodies = [b"Subject: message %d\r\n\r\nbody %d\r\n" % (n, n) for n in range(12)]
+    ops_inetd_send(ops_procs, config, ["bob@parttime.example"], bodies)
+    children = [OpsInetd(ops_procs, config, env={"TCPREMOTEIP": "198.51.100.%d" % n})
+                for n in range(1, 4)]
+    for child in children:
+        child.greet()
+        code, text = child.client.cmd("ETRN parttime.example")
+        assert code == 253 and " 12 pending" in text, text
+    for child in children:                  # all sessions end at once
+        child.client.send("QUIT\r\n")
+    for child in children:
+        assert child.client.code() == 221
+        assert child.client.closed()
+    assert [child.proc.wait(DEADLINE) for child in children] == [0, 0, 0]
+    delivered = collections.Counter(message_body(data) for _, _, data in peer.received)
+    assert delivered == collections.Counter(bodies), delivered
+    assert ops_queued(spool, "parttime.example") == []
+
+
+# -- real super-servers ----------------------------------------------------------
+
+def ops_deliver_through(port, spool, peer):
+    """Mail and an ETRN through a super-server on `port`; check spool and peer."""
+    body = b"Subject: via super-server\r\n\r\nheld, then released\r\n"
+    with smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE) as client:
+        client.ehlo("sender.test")
+        assert client.sendmail("alice@sender.example", ["bob@parttime.example"], body) == {}
+    wait_for(lambda: ops_queued(spool, "parttime.example"), what="the message in new/")
+    spooled = ops_spooled(spool, "parttime.example", ops_queued(spool, "parttime.example")[0])
+    assert message_body(spooled) == body
+    with smtplib.SMTP("127.0.0.1", port, timeout=DEADLINE) as client:
+        client.ehlo("parttime.test")
+        code, text = client.docmd("ETRN", "parttime.example")
+        assert code == 253, text
+    peer.wait_messages(1)
+    assert [d for _, _, d in peer.received] == [spooled]
+    wait_for(lambda: not ops_queued(spool, "parttime.example"), what="an empty queue")
+
+
+@pytest.mark.skipif(OPS_XINETD is None, reason="xinetd is not installed (.ci/run installs it)")
+def test_xinetd_runs_turnd_as_a_service_that_spools_and_delivers(tmp_path, peer, ops_procs):
+    directory = str(tmp_path)
+    assert not any(c.isspace() for c in directory + TURND + sys.executable), \
+        "xinetd's server_args cannot hold spaces"
+    config, log_path = ops_config(directory, domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": "127.0.0.0/8"}})
+    port = free_port()
+    xinetd_conf, xinetd_log = (os.path.join(directory, n) for n in ("xinetd.conf", "xinetd.log"))
+    with open(xinetd_conf, "w") as fh:
+        fh.write(OPS_XINETD_CONF.format(
+            port=port, service_log=os.path.join(directory, "service.log"), user=os.getuid(),
+            python=sys.executable, turnd=TURND, config=config))
+    xinetd = subprocess.Popen(
+        [OPS_XINETD, "-dontfork", "-f", xinetd_conf, "-filelog", xinetd_log,
+         "-pidfile", os.path.join(directory, "xinetd.pid")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ops_procs.append(xinetd)
+
+    def ready():
+        text = ops_read(xinetd_log)
+        assert xinetd.poll() is None, "xinetd exited: " + text
+        assert "0 available services" not in text, "xinetd disabled the service: " + text
+        if "Started working: 1 available service" not in text:
+            return False
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        return False
+
+    wait_for(ready, what="xinetd to listen on port %d" % port)
+    ops_deliver_through(port, os.path.join(directory, "spool"), peer)
+    log_text = ops_read(log_path)
+    assert "ETRN parttime.example from [127.0.0.1]: 1 message(s)" in log_text
+    assert "delivered to <bob@parttime.example>" in log_text
+    xinetd.send_signal(signal.SIGTERM)
+    assert xinetd.wait(DEADLINE) == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def ops_super_server(procs, directory, argv, port):
+    """Start a super-server that listens on `port`; return it once it accepts."""
+    stderr_path = os.path.join(directory, "super-server.err")
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err)
+    procs.append(proc)
+
+    def ready():
+        assert proc.poll() is None, "%s exited: %s" % (argv[0], ops_read(stderr_path))
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        return False
+
+    wait_for(ready, what="%s to listen on port %d" % (argv[0], port))
+    return proc
+
+
+@pytest.mark.skipif(OPS_SOCKET_ACTIVATE is None, reason="systemd-socket-activate is not installed")
+def test_systemd_style_socket_activation_with_accept_runs_turnd_per_connection(
+        tmp_path, peer, ops_procs):
+    # systemd-socket-activate --accept --inetd hands each connection over as
+    # a turnd@.service with Accept=yes and StandardInput=socket would.
+    directory = str(tmp_path)
+    config, log_path = ops_config(directory, domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": "127.0.0.0/8"}})
+    port = free_port()
+    activator = ops_super_server(ops_procs, directory, [
+        OPS_SOCKET_ACTIVATE, "--accept", "--inetd", "--listen", "127.0.0.1:%d" % port,
+        sys.executable, TURND, "--inetd", "-c", config], port)
+    ops_deliver_through(port, os.path.join(directory, "spool"), peer)
+    assert "ETRN parttime.example from [127.0.0.1]" in ops_read(log_path)
+    activator.terminate()
+    activator.wait(DEADLINE)
+
+
+@pytest.mark.skipif(OPS_TCPSERVER is None, reason="tcpserver (ucspi-tcp) is not installed")
+def test_tcpserver_runs_turnd_per_connection(tmp_path, peer, ops_procs):
+    directory = str(tmp_path)
+    config, log_path = ops_config(directory, domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": "127.0.0.0/8"}})
+    port = free_port()
+    tcpserver = ops_super_server(ops_procs, directory, [
+        OPS_TCPSERVER, "-R", "-H", "-l", "0", "127.0.0.1", str(port),
+        sys.executable, TURND, "--inetd", "-c", config], port)
+    ops_deliver_through(port, os.path.join(directory, "spool"), peer)
+    assert "ETRN parttime.example from [127.0.0.1]" in ops_read(log_path)
+    tcpserver.terminate()
+    tcpserver.wait(DEADLINE)
+
+
+# -- the daemon: signals and reload ----------------------------------------------
+
+class OpsDaemon:
+    """`turnd.py -c CONF` as a child process, listening on a known port."""
+
+    def __init__(self, procs, directory, domains=None, users=None, args=(), port=None,
+                 python=None, preexec_fn=None, **section):
+        self.directory = str(directory)
+        self.port = port or free_port()
+        section.setdefault("listen", "127.0.0.1:%d" % self.port)
+        self.config, self.log_path = ops_config(self.directory, domains, users, **section)
+        self.spool = section.get("spool", os.path.join(self.directory, "spool"))
+        self.users_path = os.path.join(self.directory, "users")
+        self.stderr_path = os.path.join(self.directory, "stderr")
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [python or sys.executable, TURND] + list(args) + ["-c", self.config],
+                stdin=subprocess.DEVNULL, stdout=err, stderr=err, preexec_fn=preexec_fn)
+        procs.append(self.proc)
+
+    def log(self):
+        return ops_read(self.log_path)
+
+    def stderr(self):
+        return ops_read(self.stderr_path)
+
+    def wait_ready(self):
+        """Until the signal handlers are set ("listening on") and it accepts."""
+        def ready():
+            assert self.proc.poll() is None, "turnd exited %s: %s%s" % (
+                self.proc.returncode, self.stderr(), self.log())
+            if "listening on 127.0.0.1:%d" % self.port not in self.log():
+                return False
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            return False
+        wait_for(ready, what="turnd to listen on port %d" % self.port)
+        return self
+
+    def refuses(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return True
+        return False
+
+    def raw(self):
+        client = RawClient(self.port)
+        assert client.code() == 220
+        return client
+
+    def smtp(self):
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=DEADLINE)
+
+    def rewrite_config(self, text):
+        with open(self.config + ".new", "w") as fh:
+            fh.write(text)
+        os.replace(self.config + ".new", self.config)
+
+    def reload_and_wait(self, marker):
+        before = self.log().count(marker)
+        self.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: self.log().count(marker) > before, what="%r in the log" % marker)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_sigint_stop_the_daemon_with_status_0(tmp_path, ops_procs, signum):
+    daemon = OpsDaemon(ops_procs, tmp_path, domains={"parttime.example": {"route": "hold"}})
+    daemon.wait_ready()
+    idle = daemon.raw()
+    assert idle.cmd("EHLO client.test")[0] == 250
+    daemon.proc.send_signal(signum)
+    # RFC 5321 section 3.8: a server that shuts down says 421 before closing.
+    code, lines = idle.reply()
+    assert code == 421 and lines[0].startswith("4.3.2 "), lines
+    assert idle.closed()
+    assert daemon.proc.wait(DEADLINE) == 0
+    assert daemon.refuses()
+    assert "%s received: shutting down" % signal.Signals(signum).name in daemon.log()
+    assert "Traceback" not in daemon.log() + daemon.stderr()
+
+
+def test_sigterm_in_the_middle_of_data_lets_the_message_finish(tmp_path, ops_procs):
+    daemon = OpsDaemon(ops_procs, tmp_path, domains={"parttime.example": {"route": "hold"}})
+    daemon.wait_ready()
+    client = daemon.raw()
+    assert client.cmd("EHLO client.test")[0] == 250
+    assert client.cmd("MAIL FROM:<alice@sender.example>")[0] == 250
+    assert client.cmd("RCPT TO:<bob@parttime.example>")[0] == 250
+    assert client.cmd("DATA")[0] == 354
+    client.send(b"Subject: interrupted\r\n\r\nfirst half\r\n")
+    wait_for(lambda: ops_tmp_files(daemon.spool), what="the message in tmp/")
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(daemon.refuses, what="the listener to close")
+    assert daemon.proc.poll() is None, "turnd exited with a message in DATA"
+    client.send(b"second half\r\n.\r\n")
+    code, lines = client.reply()
+    assert code == 250 and lines[0].startswith("2.0.0 OK queued as "), lines
+    assert client.code() == 421             # then the session is closed
+    assert client.closed()
+    assert daemon.proc.wait(DEADLINE) == 0
+    names = ops_queued(daemon.spool, "parttime.example")
+    assert names == [lines[0].rsplit(" ", 1)[-1]]
+    assert message_body(ops_spooled(daemon.spool, "parttime.example", names[0])) == \
+        b"Subject: interrupted\r\n\r\nfirst half\r\nsecond half\r\n"
+    assert ops_tmp_files(daemon.spool) == []
+
+
+class OpsGatedBehaviour(PeerBehaviour):
+    """A peer that has read a whole message but answers it only when `gate` is set."""
+
+    def __init__(self, **fields):
+        self.gate, self.holding = threading.Event(), threading.Event()
+        super().__init__(**fields)
+
+    @property
+    def data_reply(self):
+        self.holding.set()
+        self.gate.wait(DEADLINE)
+        return "250 2.0.0 accepted"
+
+    @data_reply.setter
+    def data_reply(self, value):
+        pass
+
+
+def test_sigterm_during_a_delivery_stops_between_messages(tmp_path, peer, ops_procs):
+    peer.behaviour = OpsGatedBehaviour()
+    daemon = OpsDaemon(ops_procs, tmp_path, domains={"parttime.example": {
+        "route": "127.0.0.1:%d" % peer.port}})
+    daemon.wait_ready()
+    ids = []
+    for n in range(3):
+        with daemon.smtp() as client:
+            client.sendmail("alice@sender.example", ["bob@parttime.example"],
+                            b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n))
+    assert len(ops_queued(daemon.spool, "parttime.example")) == 3
+    with daemon.smtp() as client:
+        assert client.docmd("ETRN", "parttime.example")[0] == 253
+    assert peer.behaviour.holding.wait(DEADLINE), "delivery did not start"
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(daemon.refuses, what="the listener to close")
+    peer.behaviour.gate.set()               # the message in flight is accepted
+    assert daemon.proc.wait(DEADLINE) == 0
+    assert len(peer.received) == 1
+    left = ops_queued(daemon.spool, "parttime.example")
+    assert len(left) == 2
+    delivered = peer.received[0][2]
+    assert all(ops_spooled(daemon.spool, "parttime.example", n) != delivered for n in left)
+    assert ops_tmp_files(daemon.spool) == []
+
+
+def test_sigterm_during_a_reversed_atrn_session_stops_between_messages(tmp_path, ops_procs):
+    odmr_port = free_port()
+    daemon = OpsDaemon(ops_procs, tmp_path, users={"alice": "opensesame"},
+                       odmr_listen="127.0.0.1:%d" % odmr_port,
+                       domains={"parttime.example": {"route": "hold", "owners": "alice"}})
+    daemon.wait_ready()
+    for n in range(2):
+        with daemon.smtp() as client:
+            client.sendmail("alice@sender.example", ["bob@parttime.example"],
+                            b"Subject: %d\r\n\r\nbody %d\r\n" % (n, n))
+    customer = RawClient(odmr_port)
+    assert customer.code() == 220
+    assert customer.cmd("EHLO customer.test")[0] == 250
+    assert ops_cram_md5(customer, "alice", "opensesame")[0] == 235
+    assert customer.cmd("ATRN")[0] == 250
+    behaviour, received = OpsGatedBehaviour(), []
+    session = PeerSession(customer.sock, behaviour, received, threading.Lock())
+    thread = threading.Thread(target=session.run, daemon=True)
+    thread.start()
+    assert behaviour.holding.wait(DEADLINE), "reversed delivery did not start"
+    idle = daemon.raw()
+    assert idle.cmd("EHLO client.test")[0] == 250
+    daemon.proc.send_signal(signal.SIGTERM)
+    # Once the idle session is closed, shutdown() has dealt with every session.
+    assert idle.closed()
+    behaviour.gate.set()
+    thread.join(DEADLINE)
+    assert not thread.is_alive()
+    assert daemon.proc.wait(DEADLINE) == 0
+    assert len(received) == 1 and session.commands[-1].upper() == "QUIT"
+    # The message the customer accepted is gone; the other one waits.
+    left = ops_queued(daemon.spool, "parttime.example")
+    assert len(left) == 1
+    assert ops_spooled(daemon.spool, "parttime.example", left[0]) != received[0][2]
+
+
+def test_sighup_reloads_a_changed_configuration_without_restarting(tmp_path, ops_procs):
+    daemon = OpsDaemon(ops_procs, tmp_path, domains={"parttime.example": {"route": "hold"}})
+    daemon.wait_ready()
+    client = daemon.raw()
+    assert client.cmd("EHLO client.test")[0] == 250
+    assert client.cmd("MAIL FROM:<alice@sender.example>")[0] == 250
+    assert client.cmd("RCPT TO:<carol@newcomer.example>")[0] == 550
+    client.close()
+    with open(daemon.config) as fh:
+        text = fh.read()
+    daemon.rewrite_config(text + "\n[domain newcomer.example]\nroute = hold\n")
+    daemon.reload_and_wait("configuration reloaded: 2 domain(s)")
+    with daemon.smtp() as smtp:
+        smtp.sendmail("alice@sender.example", ["carol@newcomer.example"], b"Subject: new\r\n\r\nx\r\n")
+    assert len(ops_queued(daemon.spool, "newcomer.example")) == 1
+    assert daemon.proc.poll() is None
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(DEADLINE) == 0
+
+
+def test_sighup_with_a_broken_configuration_keeps_the_old_one(tmp_path, ops_procs):
+    daemon = OpsDaemon(ops_procs, tmp_path, domains={"parttime.example": {"route": "hold"}})
+    daemon.wait_ready()
+    with open(daemon.config) as fh:
+        good = fh.read()
+    daemon.rewrite_config("[turnd\nthis is not INI\n")
+    daemon.reload_and_wait("reload refused, keeping the old configuration")
+    daemon.rewrite_config(good.replace("[domain parttime.example]",
+                                       "[domain other.example]\nroute = nowhere:99999\n"
+                                       "[domain parttime.example]"))
+    daemon.reload_and_wait("reload refused, keeping the old configuration")
+    assert "route = 'nowhere:99999'" in daemon.log()
+    with daemon.smtp() as smtp:
+        smtp.ehlo("client.test")
+        smtp.sendmail("alice@sender.example", ["bob@parttime.example"], b"Subject: x\r\n\r\nx\r\n")
+        smtp.mail("alice@sender.example")
+        assert smtp.rcpt("carol@other.example")[0] == 550      # the bad one never applied
+    assert len(ops_queued(daemon.spool, "parttime.example")) == 1
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(DEADLINE) == 0
+
+
+def test_sighup_rereads_the_users_file_and_refuses_one_that_is_gone(tmp_path, ops_procs):
+    daemon = OpsDaemon(ops_procs, tmp_path, users={"alice": "opensesame"},
+                       domains={"parttime.example": {"route": "hold", "owners": "alice"}})
+    daemon.wait_ready()
+
+    def auth(user, secret):
+        client = daemon.raw()
+        assert client.cmd("EHLO client.test")[0] == 250
+        code = ops_auth_plain(client, user, secret)[0]
+        client.close()
+        return code
+
+    assert auth("alice", "opensesame") == 235
+    assert auth("bob", "hunter2") == 535
+    with open(daemon.users_path, "a") as fh:
+        fh.write("bob:hunter2\n")
+    daemon.reload_and_wait("configuration reloaded: 1 domain(s), 2 user(s)")
+    assert auth("bob", "hunter2") == 235
+    os.unlink(daemon.users_path)
+    daemon.reload_and_wait("reload refused, keeping the old configuration")
+    assert "users file %s: cannot open" % daemon.users_path in daemon.log()
+    assert auth("alice", "opensesame") == 235 and auth("bob", "hunter2") == 235
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(DEADLINE) == 0
+
+
+def test_every_sighup_is_acted_on_and_a_burst_of_signals_never_wedges_the_daemon(
+        tmp_path, ops_procs):
+    daemon = OpsDaemon(ops_procs, tmp_path, domains={"parttime.example": {"route": "hold"}})
+    daemon.wait_ready()
+    for _ in range(10):
+        daemon.reload_and_wait("configuration reloaded")
+    for _ in range(200):
+        daemon.proc.send_signal(signal.SIGHUP)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(DEADLINE) == 0
+
+
+# -- privileges --------------------------------------------------------------------
+
+def ops_nobody():
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("there is no user 'nobody'")
+
+
+def ops_privileged_port():
+    for port in range(1023, 511, -1):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    pytest.skip("no free port below 1024")
+
+
+def ops_status(pid):
+    with open("/proc/%d/status" % pid) as fh:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_started_as_root_with_user_nobody_binds_a_low_port_then_runs_as_nobody(
+        tmp_path, ops_procs):
+    nobody = ops_nobody()
+    shared = tempfile.mkdtemp(prefix="turnd-ops-")     # tmp_path is root's, mode 0700
+    try:
+        os.chown(shared, nobody.pw_uid, nobody.pw_gid)
+        daemon = OpsDaemon(ops_procs, tmp_path, port=ops_privileged_port(), user="nobody",
+                           spool=os.path.join(shared, "spool"),
+                           domains={"parttime.example": {"route": "hold"}})
+        daemon.wait_ready()
+        status = ops_status(daemon.proc.pid)
+        assert status["Uid"].split() == [str(nobody.pw_uid)] * 4, status["Uid"]
+        assert status["Gid"].split() == [str(nobody.pw_gid)] * 4, status["Gid"]
+        assert sorted(map(int, status["Groups"].split())) == \
+            sorted(set(os.getgrouplist("nobody", nobody.pw_gid)))
+        with daemon.smtp() as smtp:
+            smtp.sendmail("alice@sender.example", ["bob@parttime.example"], b"Subject: x\r\n\r\nx\r\n")
+        names = ops_queued(daemon.spool, "parttime.example")
+        assert len(names) == 1
+        path = os.path.join(daemon.spool, "parttime.example", "new", names[0])
+        assert os.stat(path).st_uid == nobody.pw_uid
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(DEADLINE) == 0
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_user_that_does_not_exist_is_a_clear_error_with_status_2(tmp_path, ops_procs):
+    daemon = OpsDaemon(ops_procs, tmp_path, user="no-such-user",
+                       domains={"parttime.example": {"route": "hold"}})
+    assert daemon.proc.wait(DEADLINE) == 2
+    assert daemon.stderr() == "turnd: [turnd] user = no-such-user: no such user\n"
+    assert daemon.refuses()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start turnd as another user")
+def test_a_user_switch_that_fails_exits_2_instead_of_serving(tmp_path, ops_procs):
+    # Started as nobody with "user = root": the switch cannot happen, and turnd
+    # must say so and stop rather than serve as the wrong user.
+    nobody = ops_nobody()
+
+    def become_nobody():
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+
+    def usable(python):
+        try:
+            return subprocess.run([python, TURND, "--version"], preexec_fn=become_nobody,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  timeout=DEADLINE).returncode == 0
+        except OSError:
+            return False
+
+    python = next((p for p in (sys.executable, "/usr/bin/python3") if usable(p)), None)
+    if python is None:
+        pytest.skip("no Python interpreter that user nobody may run turnd.py with")
+    shared = tempfile.mkdtemp(prefix="turnd-ops-")
+    try:
+        os.chown(shared, nobody.pw_uid, nobody.pw_gid)
+        daemon = OpsDaemon(ops_procs, shared, user="root", python=python,
+                           preexec_fn=become_nobody,
+                           domains={"parttime.example": {"route": "hold"}})
+        assert daemon.proc.wait(DEADLINE) == 2
+        assert daemon.stderr() == ("turnd: [turnd] user = root: cannot drop privileges: "
+                                   "Operation not permitted\n")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+# -- logs ----------------------------------------------------------------------------
+
+def test_log_file_is_appended_to_and_never_truncated(tmp_path, ops_procs):
+    config, log_path = ops_config(tmp_path, domains={"parttime.example": {"route": "hold"}})
+    with open(log_path, "w") as fh:
+        fh.write("a line written before turnd started\n")
+    for n in range(2):
+        child = OpsInetd(ops_procs, config, env={"TCPREMOTEIP": "192.0.2.%d" % (n + 1)})
+        child.greet()
+        assert child.quit() == (0, b"")
+    text = ops_read(log_path)
+    assert text.startswith("a line written before turnd started\n")
+    first, second = text.find("connection from [192.0.2.1]"), text.find("connection from [192.0.2.2]")
+    assert 0 < first < second, text
+
+
+def test_verbose_logs_a_protocol_trace_without_auth_secrets(tmp_path, ops_procs):
+    domains = {"parttime.example": {"route": "hold", "owners": "alice"}}
+    quiet_config, quiet_log = ops_config(tmp_path / "quiet", domains=domains,
+                                         users={"alice": "opensesame"})
+    loud_config, loud_log = ops_config(tmp_path / "loud", domains=domains,
+                                       users={"alice": "opensesame"})
+    secret = base64.b64encode(b"\0alice\0opensesame").decode()
+    for config, args in ((quiet_config, []), (loud_config, ["-v"])):
+        child = OpsInetd(ops_procs, config, args=args, env={"TCPREMOTEIP": "127.0.0.1"})
+        child.greet("parttime.test")
+        assert child.client.cmd("AUTH PLAIN " + secret)[0] == 235
+        assert child.quit() == (0, b"")
+    loud, quiet = ops_read(loud_log), ops_read(quiet_log)
+    assert "[127.0.0.1] < EHLO parttime.test" in loud
+    assert "[127.0.0.1] > 250-mx.test.example" in loud
+    assert "[127.0.0.1] < QUIT" in loud and "[127.0.0.1] > 221 " in loud
+    assert "< AUTH PLAIN" in loud and secret not in loud and "opensesame" not in loud
+    assert "< EHLO" not in quiet and "> 250" not in quiet
+    assert "connection from [127.0.0.1]" in quiet
+
+
+def test_control_characters_from_peers_never_reach_the_log_raw(tmp_path, peer, ops_procs):
+    peer.behaviour.rcpt_replies = {"bob@parttime.example": "450 4.2.1 busy \x1b[2J\x07 later"}
+    config, log_path = ops_config(tmp_path, domains={"parttime.example": {
+        "route": "127.0.0.1:%d" % peer.port}})
+    ops_inetd_send(ops_procs, config, ["bob@parttime.example"], [b"Subject: x\r\n\r\nx\r\n"])
+    child = OpsInetd(ops_procs, config, args=["-v"], env={"TCPREMOTEIP": "127.0.0.1"})
+    child.greet()
+    for line in (b"EHLO evil\x1b[31m.example\x07", b"NOOP \x00\x08\x7f", b"HELO \xc3\xa9t\xc3\xa9",
+                 b"MAIL FROM:<a\x1b]0;pwned\x07@b.example>", b"ETRN \x1b[1mparttime.example"):
+        child.client.send(line + b"\r\n")
+        assert child.client.code() == 500
+    assert child.client.cmd("ETRN parttime.example")[0] == 253
+    assert child.quit() == (0, b"")
+    text = ops_read(log_path)
+    assert "> 500 5.5.2 Invalid characters in command" in text
+    # The peer's reply, with its escape sequence made harmless:
+    assert "deferred for <bob@parttime.example>: 450 4.2.1 busy ?[2J? later" in text
+    assert ops_control_characters(text) == [] and text.isascii(), text

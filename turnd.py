@@ -231,6 +231,7 @@ MAX_RECEIVED_HEADERS = 100      # RFC 5321 section 6.3: loop detection
 MAX_AUTH_FAILURES = 3           # RFC 4954 section 9: not before 3 attempts
 MAX_BAD_COMMANDS = 20           # RFC 5321 section 7.8: give up on a noisy client
 SMARTHOST_QUEUE = "_smarthost"  # no domain name contains "_", so no clash
+LOCK_WAIT = 30.0                # seconds a delivery run waits for another to finish
 
 # Every reply turnd sends, by name.  Tests import this table.  Every 2xx, 4xx
 # and 5xx reply carries an RFC 2034 enhanced status code (RFC 3463 numbers);
@@ -523,6 +524,14 @@ def address_in(ip, networks):
     if addr.version == 6 and addr.ipv4_mapped:
         addr = addr.ipv4_mapped
     return any(addr.version == net.version and addr in net for net in networks)
+
+
+def _valid_ip(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
 
 
 def is_loopback(ip):
@@ -1113,21 +1122,28 @@ class Spool:
             raise
 
     @contextlib.contextmanager
-    def lock(self, queue_name):
+    def lock(self, queue_name, wait=0.0):
         """Hold the queue's delivery lock, or yield False if someone else does.
 
         flock() works between threads (each call opens its own file) and
         between processes, so concurrent inetd sessions and the daemon never
-        deliver the same queue twice at once.
+        deliver the same queue twice at once.  With `wait`, keep trying for
+        that many seconds: a kick that arrives while another process is
+        delivering must still deliver what that run did not see.
         """
         directory = self.ensure(queue_name)
         fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + wait
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield False
+                        return
+                    time.sleep(0.05)
             yield True
         finally:
             os.close(fd)
@@ -1570,9 +1586,10 @@ class Deliverer:
                 log.info("delivering %s to %s:%d", queue_name, host, route.port)
             return connection[0]
 
-        with self.app.spool.lock(queue_name) as locked:
+        with self.app.spool.lock(queue_name, wait=LOCK_WAIT) as locked:
             if not locked:
-                log.info("%s is being delivered by another run; leaving it", queue_name)
+                log.info("%s is still being delivered by another run; leaving it to that run",
+                         queue_name)
                 return False
             try:
                 remote = "%s:%d" % (host, route.port or 25)
@@ -2570,16 +2587,26 @@ class SMTPServer(socketserver.ThreadingTCPServer):
 
     Past the limit a connection gets 421 and is closed at once, rather than
     waiting in the kernel's backlog for a slot that may never come.
+
+    A thread whose session has ended waits for the next connection instead
+    of exiting (at most SPARE_THREADS of them wait): starting a thread costs
+    a clone, a stack and a handshake with the listener, which was a tenth of
+    the work of a one-message connection.
     """
 
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 128
+    SPARE_THREADS = 64
 
     def __init__(self, address, app, odmr=False):
         host, port = address
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.app, self.odmr = app, odmr
+        self.spare_lock = threading.Lock()
+        self.spare = 0                  # threads waiting on self.handoff
+        self.handoff = queue.SimpleQueue()
+        self.closed = False
         super().__init__((host, port), SMTPHandler)
 
     def server_bind(self):
@@ -2600,16 +2627,43 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             self.shutdown_request(request)
             return
         try:
-            super().process_request(request, client_address)
+            with self.spare_lock:
+                spare = self.spare > 0
+                if spare:
+                    self.spare -= 1     # that thread is now promised this session
+            if spare:
+                self.handoff.put((request, client_address))
+            else:
+                threading.Thread(target=self.session_thread, args=(request, client_address),
+                                 daemon=True).start()
         except BaseException:
             self.app.release()
             raise
+
+    def session_thread(self, request, client_address):
+        while True:
+            self.process_request_thread(request, client_address)
+            with self.spare_lock:
+                if self.closed or self.spare >= self.SPARE_THREADS:
+                    return
+                self.spare += 1
+            work = self.handoff.get()
+            if work is None:
+                return
+            request, client_address = work
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.app.release()
+
+    def server_close(self):
+        super().server_close()
+        with self.spare_lock:
+            self.closed, spare, self.spare = True, self.spare, 0
+        for _ in range(spare):
+            self.handoff.put(None)     # let waiting threads end
 
     def handle_error(self, request, client_address):
         log.exception("error serving [%s]", _peer_ip(client_address))
@@ -2657,7 +2711,7 @@ class Turnd:
         except ConfigError as exc:
             log.error("reload refused, keeping the old configuration: %s", exc)
             return False
-        for key in ("listen", "odmr_listen", "spool", "user"):
+        for key in ("listen", "odmr_listen", "spool", "user", "log"):
             if getattr(config, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect only on restart", key)
         self.config = config
@@ -2749,7 +2803,10 @@ def serve_inetd(app, odmr):
         sock = socket.socket(fileno=os.dup(0))
     except OSError:
         raise ConfigError("--inetd: standard input is not a socket") from None
-    peer = os.environ.get("TCPREMOTEIP") or os.environ.get("REMOTE_HOST")
+    # tcpserver sets TCPREMOTEIP and xinetd REMOTE_HOST; trust them only if
+    # they are IP addresses, else ask the socket.
+    peer = next((value for value in (os.environ.get("TCPREMOTEIP"), os.environ.get("REMOTE_HOST"))
+                 if value and _valid_ip(value)), "")
     if not peer:
         try:
             peer = sock.getpeername()[0] if sock.family in (socket.AF_INET,
@@ -2811,9 +2868,7 @@ def setup_logging(config, inetd=False):
         formatter = logging.Formatter("turnd[%(process)d]: %(message)s")
     else:
         try:
-            # Watched: when logrotate moves the file away, the next line goes
-            # to a new file at the configured name, not on into the old one.
-            handler = logging.handlers.WatchedFileHandler(target, encoding="utf-8")
+            handler = logging.FileHandler(target, encoding="utf-8")
         except OSError as exc:
             raise ConfigError("[turnd] log = %s: %s" % (target, exc.strerror)) from None
         formatter = logging.Formatter("%(asctime)s turnd[%(process)d]: %(message)s")
@@ -2954,15 +3009,19 @@ def main(argv=None):
             return print_queue(config, Spool(config.spool), args.json)
         setup_logging(config, inetd=args.inetd)
         app = Turnd(config)
+        daemon = not (args.flush or args.run_queue or args.inetd)
+        if daemon:
+            app.bind()          # ports 25 and 366 need root: bind first
+        if config.user:
+            # Every mode that touches the spool runs as the same user, so a
+            # root cron job never leaves files the daemon cannot open.
+            drop_privileges(config.user)
         if args.flush:
             return flush(app, args.flush)
         if args.run_queue:
             return run_queue(app)
         if args.inetd:
             return serve_inetd(app, args.odmr)
-        app.bind()
-        if config.user:
-            drop_privileges(config.user)
         return app.serve(load)
     except ConfigError as exc:
         if args.inetd:
