@@ -298,6 +298,10 @@ class PeerSession:
 
     def __init__(self, sock, behaviour, received, lock):
         self.sock, self.behaviour, self.received, self.lock = sock, behaviour, received, lock
+        # Each reply is its own write: without NODELAY, Nagle and delayed ACKs
+        # would add 40 ms to every pipelined group.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = sock.makefile("rb")
         self.commands = []
 
@@ -323,8 +327,13 @@ class PeerSession:
                 self.send("250 parttime.test")
             elif verb == "MAIL":
                 sender, rcpts = command[10:].split(">")[0].lstrip("<"), []
+                if not behaviour.mail_reply.startswith("2"):
+                    sender = None
                 self.send(behaviour.mail_reply)
             elif verb == "RCPT":
+                if sender is None:
+                    self.send("503 5.5.1 need MAIL first")
+                    continue
                 address = command[8:].split(">")[0].lstrip("<")
                 answer = behaviour.rcpt_replies.get(address, "250 2.1.5 ok")
                 if answer.startswith("2"):
@@ -2626,3 +2635,1026 @@ def test_control_characters_from_peers_never_reach_the_log_raw(tmp_path, peer, o
     # The peer's reply, with its escape sequence made harmless:
     assert "deferred for <bob@parttime.example>: 450 4.2.1 busy ?[2J? later" in text
     assert ops_control_characters(text) == [] and text.isascii(), text
+
+
+# ---------------------------------------------------------------------------
+# ETRN (RFC 1985) and the delivery engine: every ETRN form and code, who may
+# kick what, delivery outcomes, bounces (RFC 3464), coalescing, AutoTURN,
+# the operator commands, start-up retry and fetchmail's ETRN mode.
+# ---------------------------------------------------------------------------
+
+ETRN_LOOPBACK = "127.0.0.0/8"
+ETRN_ELSEWHERE = "192.0.2.0/24"         # RFC 5737 TEST-NET-1: never us
+
+
+def etrn_send(server, rcpts, body=b"Subject: test\r\n\r\nhello\r\n",
+              sender="alice@sender.example", options=()):
+    """Send one message with smtplib (MAIL options such as BODY=8BITMIME)."""
+    with server.smtp() as client:
+        client.ehlo("client.test")
+        code, text = client.mail(sender, list(options))
+        assert code == 250, (code, text)
+        for rcpt in rcpts:
+            code, text = client.rcpt(rcpt)
+            assert code == 250, (rcpt, code, text)
+        code, text = client.data(body)
+        assert code == 250, (code, text)
+        return text.decode().rsplit(" ", 1)[-1]
+
+
+def etrn_fill(spool_root, domain, count, rcpt=None, sender="alice@sender.example",
+              data=None):
+    """Queue `count` messages for `domain` by writing spool files directly,
+    in the real format (turnd.Envelope's JSON line, then the message), the
+    way Incoming does: write in tmp/, rename into new/.  Returns the ids."""
+    spool = turnd.Spool(spool_root)
+    directory = spool.ensure(domain)
+    rcpt = rcpt or "user@" + domain
+    ids = []
+    for number in range(count):
+        qid = turnd.new_queue_id()
+        while qid in ids:
+            qid = turnd.new_queue_id()
+        envelope = turnd.Envelope(qid, sender, [rcpt], client="127.0.0.1",
+                                  helo="client.test", body="7BIT")
+        message = data if data is not None else (
+            b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test.example; id "
+            + qid.encode() + b"\r\nSubject: number %d\r\nX-Queue-Id: %s\r\n\r\nbody %d\r\n"
+            % (number, qid.encode(), number))
+        temp = os.path.join(directory, "tmp", qid)
+        with open(temp, "wb") as fh:
+            fh.write(envelope.to_line() + message)
+        os.rename(temp, os.path.join(directory, "new", qid))
+        ids.append(qid)
+    return ids
+
+
+def etrn_reply(raw, command):
+    """Send a command; return (code, text) and check the reply is ONE line."""
+    raw.send(command + "\r\n")
+    code, lines = raw.reply()
+    assert len(lines) == 1, "multi-line reply to %r: %r" % (command, lines)
+    return code, lines[0]
+
+
+def etrn_session(server, source=None):
+    """A raw client past the greeting and EHLO; bound to `source` if given."""
+    if source:
+        sock = socket.socket()
+        sock.settimeout(DEADLINE)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", server.port))
+        raw = RawClient(server.port, sock=sock)
+    else:
+        raw = server.raw()
+    assert raw.code() == 220
+    raw.send("EHLO parttime.test\r\n")
+    code, lines = raw.reply()
+    assert code == 250
+    return raw
+
+
+def etrn_dsn(data):
+    """Parse a bounce with the email package and check its RFC 3464 shape.
+
+    Returns (message, per-message fields, [per-recipient fields], headers text)."""
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    parts = list(message.iter_parts())
+    assert [p.get_content_type() for p in parts] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"], parts
+    assert parts[0].get_content().strip()
+    blocks = parts[1].get_payload()
+    assert isinstance(blocks, list) and len(blocks) >= 2
+    per_message, per_rcpt = blocks[0], blocks[1:]
+    assert per_message["Reporting-MTA"].startswith("dns;")
+    for fields in per_rcpt:
+        assert fields["Final-Recipient"].startswith("rfc822;")
+    return message, per_message, per_rcpt, parts[2].get_content()
+
+
+def etrn_run_turnd(config_path, *args, timeout=60):
+    """turnd.py as an operator runs it: a subprocess."""
+    return subprocess.run([sys.executable, TURND, "-c", config_path] + list(args),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def etrn_queue_json(config_path):
+    done = etrn_run_turnd(config_path, "--queue", "--json")
+    assert done.returncode == 0, done.stderr
+    return {row["domain"]: row for row in json.loads(done.stdout)}
+
+
+def etrn_peer_bodies(peer):
+    return [data for _, _, data in peer.received]
+
+
+# The scripted peer writes each reply to a pipelined group separately, so
+# Nagle's algorithm holds all but the first until our delayed ACK: 40 ms per
+# message.  Tests that move many messages use a peer without PIPELINING
+# (turnd then goes in lock step, which also exercises that path).
+ETRN_BULK_EXTENSIONS = ["8BITMIME", "SIZE 0"]
+
+
+# -- EHLO and the forms of ETRN ------------------------------------------------
+
+def test_ehlo_advertises_etrn_without_a_parameter(make_server):
+    server = make_server(domains={"example.org": {"route": "hold"}})
+    raw = server.raw()
+    assert raw.code() == 220
+    raw.send("EHLO parttime.test\r\n")
+    code, lines = raw.reply()
+    assert code == 250
+    assert "ETRN" in lines[1:], lines
+
+
+def test_etrn_verb_is_case_insensitive_and_reply_is_one_253_line(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "127.0.0.1:%d" % peer.port}})
+    send_mail(server, ["a@example.org"])
+    send_mail(server, ["b@example.org"])
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "eTrN example.org")
+    assert code == 253
+    assert text.startswith("2.0.0 ")
+    assert re.search(r"\b2\b.*\bexample\.org\b", text), text
+    peer.wait_messages(2)
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+
+
+def test_etrn_without_argument_is_500(make_server):
+    server = make_server(domains={"example.org": {"route": "hold"}})
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN")[0] == 500
+
+
+def test_etrn_of_a_local_name_without_a_dot_is_501(make_server):
+    server = make_server(domains={"example.org": {"route": "hold"}})
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN localname")
+    assert code == 501 and text.startswith("5.5.4")
+    assert etrn_reply(raw, "ETRN bad_name.example")[0] == 501
+    assert etrn_reply(raw, "ETRN @bad_name.example")[0] == 501
+
+
+def test_etrn_with_no_mail_waiting_is_251(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "127.0.0.1:%d" % peer.port}})
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN example.org")
+    assert code == 251 and text.startswith("2.0.0") and "example.org" in text
+    server.wait_idle()
+    assert peer.connections == 0
+
+
+def test_etrn_of_an_unknown_domain_is_459(make_server):
+    server = make_server(domains={"example.org": {"route": "hold"}})
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN elsewhere.example")
+    assert code == 459 and text.startswith("4.")
+    assert "elsewhere.example" in text
+
+
+def test_etrn_of_a_hold_route_is_459_and_delivers_nothing(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "hold",
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    send_mail(server, ["a@example.org"])
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN example.org")
+    assert code == 459 and "TURN" in text
+    server.wait_idle()
+    assert len(server.queued("example.org")) == 1
+
+
+def test_etrn_for_a_subdomain_held_through_its_parent_releases_the_parent(
+        make_server, peer):
+    server = make_server(domains={"example.org": {"route": "127.0.0.1:%d" % peer.port,
+                                                  "subdomains": "yes"}})
+    send_mail(server, ["a@deep.sub.example.org"])
+    assert len(server.queued("example.org")) == 1
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN sub.example.org")
+    assert code == 253 and "sub.example.org" in text
+    (_, rcpts, _), = peer.wait_messages(1)
+    assert rcpts == ["a@deep.sub.example.org"]
+
+
+def test_etrn_when_the_spool_cannot_be_read_is_458_and_the_retry_scan_goes_on(
+        make_server, peer):
+    route = {"route": "127.0.0.1:%d" % peer.port}
+    server = make_server(domains={"example.org": route, "ok.example": route},
+                         turnd_section={"retry_interval": "1h"})
+    directory = server.app.spool.ensure("example.org")
+    os.rmdir(os.path.join(directory, "new"))
+    with open(os.path.join(directory, "new"), "w") as fh:      # not a directory
+        fh.write("damaged spool\n")
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN example.org")
+    assert code == 458 and text.startswith("4.") and "example.org" in text
+    server.wait_idle()
+    assert peer.connections == 0
+    # The retry timer's scan skips the damaged queue and still kicks the others.
+    send_mail(server, ["a@ok.example"])
+    server.app.deliverer.scan()
+    (_, rcpts, _), = peer.wait_messages(1)
+    assert rcpts == ["a@ok.example"]
+
+
+def test_etrn_at_form_releases_subdomains_on_label_boundaries_only(make_server, peer):
+    route = {"route": "127.0.0.1:%d" % peer.port, "etrn_from": ETRN_LOOPBACK}
+    server = make_server(domains={"example.org": route, "sub.example.org": route,
+                                  "badexample.org": route},
+                         turnd_section={"retry_interval": "1h"})
+    send_mail(server, ["a@example.org"])
+    send_mail(server, ["b@sub.example.org"])
+    send_mail(server, ["c@badexample.org"])
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN @example.org")
+    assert code == 253 and re.search(r"\b2\b", text), text
+    peer.wait_messages(2)
+    server.wait_idle()
+    assert sorted(r for _, rcpts, _ in peer.received for r in rcpts) == [
+        "a@example.org", "b@sub.example.org"]
+    assert not server.queued("example.org") and not server.queued("sub.example.org")
+    assert len(server.queued("badexample.org")) == 1
+
+
+def test_broad_at_forms_from_an_unauthorized_client_are_459_and_deliver_nothing(
+        make_server, peer):
+    route = "127.0.0.1:%d" % peer.port
+    server = make_server(domains={
+        "shop.example.com": {"route": route, "etrn_from": ETRN_ELSEWHERE},
+        "home.example.com": {"route": route},       # anyone may kick it by name only
+        "client.example.com": {"route": "client:%d" % peer.port,
+                               "etrn_from": ETRN_ELSEWHERE}},
+        turnd_section={"retry_interval": "1h"})
+    for domain in ("shop.example.com", "home.example.com", "client.example.com"):
+        send_mail(server, ["user@" + domain])
+    raw = etrn_session(server)
+    for command in ("ETRN @com", "ETRN @", "ETRN @example.com", "ETRN #all"):
+        code, text = etrn_reply(raw, command)
+        assert code == 459, (command, code, text)
+    server.wait_idle()
+    assert peer.connections == 0
+    for domain in ("shop.example.com", "home.example.com", "client.example.com"):
+        assert len(server.queued(domain)) == 1, domain
+
+
+def test_etrn_hash_all_releases_only_what_the_client_is_explicitly_authorized_for(
+        make_server, peer):
+    route = "127.0.0.1:%d" % peer.port
+    server = make_server(domains={
+        "mine.example": {"route": route, "etrn_from": ETRN_LOOPBACK},
+        "mine-too.example": {"route": "client:%d" % peer.port, "etrn_from": ETRN_LOOPBACK},
+        "open.example": {"route": route},                       # no explicit grant
+        "theirs.example": {"route": route, "etrn_from": ETRN_ELSEWHERE}},
+        turnd_section={"retry_interval": "1h"})
+    for domain in ("mine.example", "mine-too.example", "open.example", "theirs.example"):
+        send_mail(server, ["user@" + domain])
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN #all")
+    assert code == 253 and re.search(r"\b2\b", text), text
+    peer.wait_messages(2)
+    server.wait_idle()
+    assert sorted(r for _, rcpts, _ in peer.received for r in rcpts) == [
+        "user@mine-too.example", "user@mine.example"]
+    assert len(server.queued("open.example")) == 1
+    assert len(server.queued("theirs.example")) == 1
+
+
+def test_etrn_hash_with_an_unknown_queue_name_is_459(make_server):
+    server = make_server(domains={"example.org": {"route": "hold"}})
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN #other")[0] == 459
+    assert etrn_reply(raw, "ETRN #")[0] == 459
+
+
+def test_etrn_inside_a_mail_transaction_is_503_and_the_transaction_continues(
+        make_server, peer):
+    server = make_server(domains={"example.org": {"route": "127.0.0.1:%d" % peer.port}})
+    send_mail(server, ["waiting@example.org"])
+    raw = etrn_session(server)
+    assert raw.cmd("MAIL FROM:<alice@sender.example>")[0] == 250
+    code, text = etrn_reply(raw, "ETRN example.org")
+    assert code == 503 and text.startswith("5.5.1")
+    assert raw.cmd("RCPT TO:<new@example.org>")[0] == 250
+    assert raw.cmd("DATA")[0] == 354
+    raw.send("Subject: after etrn\r\n\r\nstill one transaction\r\n.\r\n")
+    assert raw.code() == 250
+    assert len(server.queued("example.org")) == 2 and peer.connections == 0
+    assert raw.cmd("MAIL FROM:<alice@sender.example>")[0] == 250
+    assert raw.cmd("RSET")[0] == 250
+    code, text = etrn_reply(raw, "ETRN example.org")
+    assert code == 253 and re.search(r"\b2\b", text), text
+    peer.wait_messages(2)
+
+
+def test_too_many_etrn_commands_in_one_session_get_421_and_the_connection_closes(
+        make_server):
+    server = make_server(domains={"example.org": {"route": "hold"}},
+                         turnd_section={"max_etrn": "3"})
+    raw = etrn_session(server)
+    for _ in range(3):
+        assert etrn_reply(raw, "ETRN elsewhere.example")[0] == 459
+    code, text = etrn_reply(raw, "ETRN elsewhere.example")
+    assert code == 421 and "4.7.0" in text
+    assert raw.closed()
+
+
+# -- who may kick what ------------------------------------------------------------
+
+def test_client_route_with_etrn_from_elsewhere_refuses_loopback_with_459(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_ELSEWHERE}})
+    send_mail(server, ["a@example.org"])
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN example.org")
+    assert code == 459 and "not authorized" in text
+    server.wait_idle()
+    assert peer.connections == 0 and len(server.queued("example.org")) == 1
+
+
+def test_client_route_with_no_etrn_from_refuses_everyone(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port}})
+    send_mail(server, ["a@example.org"])
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 459
+    server.wait_idle()
+    assert peer.connections == 0 and len(server.queued("example.org")) == 1
+
+
+def test_client_route_delivers_to_the_address_the_etrn_came_from(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    send_mail(server, ["a@example.org"])
+    envelope, data = server.read_queued("example.org")
+    # From 127.0.0.2 the delivery goes to 127.0.0.2:PORT, where nothing
+    # listens (the peer is on 127.0.0.1 only): the message stays.
+    raw = etrn_session(server, source="127.0.0.2")
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    server.wait_idle()
+    assert peer.connections == 0 and len(server.queued("example.org")) == 1
+    assert "127.0.0.2:%d" % peer.port in server.app.spool.read_state("example.org")[
+        "last_error"]
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    received = peer.wait_messages(1)
+    assert received[0][1] == ["a@example.org"] and received[0][2] == data
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+
+
+def test_fixed_host_route_with_empty_etrn_from_may_be_kicked_by_anyone(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "127.0.0.1:%d" % peer.port}})
+    send_mail(server, ["a@example.org"])
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    peer.wait_messages(1)
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+
+
+def test_fixed_host_route_with_etrn_from_elsewhere_is_459(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "127.0.0.1:%d" % peer.port,
+                                                  "etrn_from": ETRN_ELSEWHERE}},
+                         turnd_section={"retry_interval": "1h"})
+    send_mail(server, ["a@example.org"])
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 459
+    server.wait_idle()
+    assert peer.connections == 0 and len(server.queued("example.org")) == 1
+
+
+# -- the reply is immediate --------------------------------------------------------
+
+def test_etrn_reply_comes_before_the_delivery_it_starts(make_server):
+    """The receiver accepts the TCP connection but says nothing: the ETRN
+    reply must already be on the wire while turnd waits for its greeting."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    silent.settimeout(DEADLINE)
+    try:
+        server = make_server(domains={"example.org": {
+            "route": "127.0.0.1:%d" % silent.getsockname()[1]}},
+            turnd_section={"retry_interval": "1h", "timeout": "60s"})
+        send_mail(server, ["a@example.org"])
+        raw = etrn_session(server)
+        assert etrn_reply(raw, "ETRN example.org")[0] == 253
+        conn, _ = silent.accept()           # the delivery has started...
+        conn.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            conn.recv(1)                    # ...and is waiting for our 220
+        assert len(server.queued("example.org")) == 1
+        # Now play the receiver on that very connection: the delivery completes.
+        conn.setblocking(True)
+        conn.settimeout(DEADLINE)
+        received, lock = [], threading.Lock()
+        session = PeerSession(conn, PeerBehaviour(), received, lock)
+
+        def play():
+            with contextlib.suppress(OSError):
+                session.run()
+
+        thread = threading.Thread(target=play, daemon=True)
+        thread.start()
+        wait_for(lambda: received, what="the message at the late receiver")
+        wait_for(lambda: not server.queued("example.org"), what="queue empty")
+        server.wait_idle()
+        thread.join(DEADLINE)
+        assert session.commands[-1].upper() == "QUIT"
+        conn.close()
+    finally:
+        silent.close()
+
+
+# -- delivery outcomes -------------------------------------------------------------
+
+def test_delivery_is_byte_for_byte_with_dot_lines_and_8bit_data(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    body = (b"Subject: dots and bytes\r\nX-Raw: caf\xc3\xa9\r\n\r\n"
+            b".a line starting with a dot\r\n..two dots\r\n.\r\n \r\n"
+            b"latin-1 \xe9\xe8 and utf-8 \xe2\x82\xac and \xff\x80\r\n.\r\nend\r\n")
+    etrn_send(server, ["a@example.org"], body, options=["BODY=8BITMIME"])
+    envelope, stored = server.read_queued("example.org")
+    assert envelope["body"] == "8BITMIME"
+    assert message_body(stored) == body
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    (sender, rcpts, data), = peer.wait_messages(1)
+    assert (sender, rcpts) == ("alice@sender.example", ["a@example.org"])
+    assert data == stored
+    mail = [c for c in peer.sessions[0].commands if c.startswith("MAIL")]
+    assert "BODY=8BITMIME" in mail[0]
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+
+
+def test_one_megabyte_message_is_delivered_byte_for_byte(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    lines, size, number = [b"Subject: big\r\n", b"\r\n"], 0, 0
+    while size < 1 << 20:
+        # Varied lengths so that dots fall on every kind of block boundary.
+        line = (b"." if number % 3 == 0 else b"") + bytes(
+            [0x41 + number % 26]) * (number * 37 % 990) + (b"\xe9" if number % 5 == 0 else b"")
+        lines.append(line + b"\r\n")
+        size += len(line) + 2
+        number += 1
+    body = b"".join(lines)
+    etrn_send(server, ["a@example.org"], body, options=["BODY=8BITMIME"])
+    envelope, stored = server.read_queued("example.org")
+    assert message_body(stored) == body
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    (_, _, data), = peer.wait_messages(1)
+    assert len(data) == len(stored) and data == stored
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+
+
+def test_message_whose_last_crlf_straddles_a_read_block_is_delivered_exactly(
+        make_server, peer):
+    """Spool data is streamed in DATA_CHUNK blocks; the CRLF that ends the
+    message may be split between two blocks, and a dot line may start a
+    block.  Neither may change a byte."""
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    chunk = turnd.DATA_CHUNK
+    head = b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test.example\r\n" \
+           b"Subject: boundary\r\n\r\n"
+
+    def filled(total, tail):
+        filler = total - len(head) - len(tail)
+        lines, left = [], filler
+        while left:
+            n = min(left, 500)
+            if left - n in (1,):          # never leave a 1-byte remainder
+                n -= 1
+            lines.append(b"x" * (n - 2) + b"\r\n" if n >= 2 else b"")
+            left -= n
+        return head + b"".join(lines) + tail
+
+    crlf_split = filled(chunk + 1, b"last\r\n")             # block 2 is just "\n"
+    dot_start = filled(chunk, b"z\r\n") + b".dot at block start\r\n"
+    assert len(crlf_split) == chunk + 1 and crlf_split[chunk - 1:] == b"\r\n"
+    assert dot_start[chunk:chunk + 1] == b"."
+    etrn_fill(server.spool, "example.org", 1, data=crlf_split)
+    etrn_fill(server.spool, "example.org", 1, data=dot_start)
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    peer.wait_messages(2)
+    assert sorted(etrn_peer_bodies(peer)) == sorted([crlf_split, dot_start])
+
+
+def test_8bit_message_to_a_peer_without_8bitmime_is_bounced_with_5_6_3(make_server, peer):
+    peer.behaviour.extensions = ["PIPELINING", "SIZE 0"]
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    etrn_send(server, ["a@example.org"], b"Subject: 8bit\r\n\r\ncaf\xc3\xa9\r\n",
+              options=["BODY=8BITMIME"])
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: server.queued(turnd.SMARTHOST_QUEUE), what="a bounce")
+    server.wait_idle()
+    assert not server.queued("example.org")
+    assert peer.received == []
+    envelope, data = server.read_queued(turnd.SMARTHOST_QUEUE)
+    _, _, (fields,), _ = etrn_dsn(message_body(data))
+    assert fields["Status"] == "5.6.3" and fields["Action"] == "failed"
+
+
+def test_peer_answering_4xx_to_mail_leaves_the_message_queued_with_the_error(
+        make_server, peer):
+    peer.behaviour.mail_reply = "451 4.3.0 try again later"
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    send_mail(server, ["a@example.org"])
+    before = server.read_queued("example.org")
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: peer.connections, what="a delivery attempt")
+    server.wait_idle()
+    assert server.read_queued("example.org")[1] == before[1]
+    assert not server.queued(turnd.SMARTHOST_QUEUE)
+    row, = [r for r in turnd.queue_report(server.config, server.app.spool)
+            if r["domain"] == "example.org"]
+    assert row["messages"] == 1
+    assert "451" in row["last_error"], row
+
+
+def test_550_for_one_of_two_recipients_delivers_the_other_and_bounces_the_first(
+        make_server, peer):
+    peer.behaviour.rcpt_replies = {"gone@example.org": "550 5.1.1 no such user"}
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    send_mail(server, ["gone@example.org", "here@example.org"])
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    (_, rcpts, _), = peer.wait_messages(1)
+    assert rcpts == ["here@example.org"]
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+    server.wait_idle()
+    envelope, data = server.read_queued(turnd.SMARTHOST_QUEUE)
+    assert envelope["rcpts"] == ["alice@sender.example"]
+    _, _, (fields,), _ = etrn_dsn(message_body(data))
+    assert fields["Final-Recipient"] == "rfc822; gone@example.org"
+    assert fields["Status"] == "5.1.1"
+
+
+def test_4xx_for_one_of_two_recipients_rewrites_the_file_keeping_only_that_one(
+        make_server, peer):
+    peer.behaviour.rcpt_replies = {"later@example.org": "452 4.2.2 mailbox full"}
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    send_mail(server, ["later@example.org", "now@example.org"])
+    name = server.queued("example.org")[0]
+    _, stored = server.read_queued("example.org")
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    (_, rcpts, data), = peer.wait_messages(1)
+    assert rcpts == ["now@example.org"] and data == stored
+    server.wait_idle()
+    assert server.queued("example.org") == [name]
+    envelope, kept = server.read_queued("example.org")
+    assert envelope["rcpts"] == ["later@example.org"]
+    assert kept == stored
+    assert "452" in envelope["last_error"]
+    assert not server.tmp_files() and not server.queued(turnd.SMARTHOST_QUEUE)
+    # The next run delivers only the one that waited.
+    peer.behaviour.rcpt_replies = {}
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    peer.wait_messages(2)
+    assert peer.received[1][1] == ["later@example.org"] and peer.received[1][2] == stored
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+
+
+def test_peer_dropping_the_connection_mid_data_leaves_the_message_intact(make_server, peer):
+    peer.behaviour.drop_in_data = 3
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    send_mail(server, ["a@example.org", "b@example.org"],
+              b"Subject: dropped\r\n\r\n" + b"line\r\n" * 50)
+    path = os.path.join(server.spool, "example.org", "new", server.queued("example.org")[0])
+    with open(path, "rb") as fh:
+        before = fh.read()
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: peer.connections, what="a delivery attempt")
+    server.wait_idle()
+    with open(path, "rb") as fh:
+        assert fh.read() == before
+    assert peer.received == [] and not server.queued(turnd.SMARTHOST_QUEUE)
+    assert server.app.spool.read_state("example.org")["last_error"]
+
+
+def test_absent_receiver_leaves_the_message_queued_with_error_and_back_off(make_server):
+    port = free_port()
+    server = make_server(domains={"example.org": {"route": "127.0.0.1:%d" % port}},
+                         turnd_section={"retry_interval": "10m"})
+    send_mail(server, ["a@example.org"])
+    raw = etrn_session(server)
+    started = time.time()
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: server.app.spool.read_state("example.org"), what="the state file")
+    server.wait_idle()
+    state = server.app.spool.read_state("example.org")
+    assert "127.0.0.1:%d" % port in state["last_error"]
+    assert started + 590 <= state["next_retry"] <= time.time() + 610
+    assert len(server.queued("example.org")) == 1
+    # The retry timer leaves it alone until next_retry (an attempt would
+    # write a new state).
+    server.app.deliverer.scan()
+    server.wait_idle()
+    assert server.app.spool.read_state("example.org") == state
+
+
+# -- bounces ---------------------------------------------------------------------------
+
+def test_bounce_is_an_rfc3464_report_from_the_null_sender(make_server, peer):
+    peer.behaviour.rcpt_replies = {"gone@example.org": "550 5.1.1 no such user here"}
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    body = b"Subject: will bounce\r\nMessage-ID: <bounce-me@sender.example>\r\n\r\nbody\r\n"
+    send_mail(server, ["gone@example.org"], body)
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: server.queued(turnd.SMARTHOST_QUEUE), what="a bounce")
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+    envelope, data = server.read_queued(turnd.SMARTHOST_QUEUE)
+    assert envelope["sender"] == "" and envelope["rcpts"] == ["alice@sender.example"]
+    message, per_message, (fields,), headers = etrn_dsn(message_body(data))
+    assert message["To"].addresses[0].addr_spec == "alice@sender.example"
+    assert "mx.test.example" in per_message["Reporting-MTA"]
+    assert fields["Final-Recipient"] == "rfc822; gone@example.org"
+    assert fields["Action"] == "failed"
+    assert re.fullmatch(r"5\.\d{1,3}\.\d{1,3}", fields["Status"])
+    assert "550" in fields["Diagnostic-Code"] and "no such user here" in fields["Diagnostic-Code"]
+    assert "Message-ID: <bounce-me@sender.example>" in headers
+    assert "Subject: will bounce" in headers and "body" not in headers
+
+
+def test_bounce_for_a_sender_in_a_held_domain_goes_into_that_domains_queue(
+        make_server, peer):
+    peer.behaviour.rcpt_replies = {"gone@example.org": "550 5.1.1 no such user"}
+    server = make_server(domains={
+        "example.org": {"route": "client:%d" % peer.port, "etrn_from": ETRN_LOOPBACK},
+        "home.example": {"route": "hold"}})
+    send_mail(server, ["gone@example.org"], sender="me@home.example")
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: server.queued("home.example"), what="a bounce in home.example")
+    server.wait_idle()
+    assert not server.queued(turnd.SMARTHOST_QUEUE)
+    envelope, data = server.read_queued("home.example")
+    assert envelope["sender"] == "" and envelope["rcpts"] == ["me@home.example"]
+    etrn_dsn(message_body(data))
+
+
+def test_failed_message_from_the_null_sender_is_not_bounced(make_server, peer):
+    peer.behaviour.rcpt_replies = {"gone@example.org": "550 5.1.1 no such user"}
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK},
+                                  "sender.example": {"route": "hold"}})
+    send_mail(server, ["gone@example.org"], sender="")
+    assert server.read_queued("example.org")[0]["sender"] == ""
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: peer.connections, what="a delivery attempt")
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+    server.wait_idle()
+    assert not server.queued(turnd.SMARTHOST_QUEUE) and not server.queued("sender.example")
+
+
+def test_bounce_of_an_8bit_message_is_itself_sent_as_8bitmime(make_server, peer):
+    """The DSN returns the original headers; if they hold 8-bit octets the
+    DSN's own envelope must say BODY=8BITMIME (RFC 6152 section 3)."""
+    peer.behaviour.rcpt_replies = {"gone@example.org": "550 5.1.1 no such user"}
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    etrn_send(server, ["gone@example.org"], b"Subject: caf\xc3\xa9\r\n\r\nbody\r\n",
+              options=["BODY=8BITMIME"])
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: server.queued(turnd.SMARTHOST_QUEUE), what="a bounce")
+    envelope, data = server.read_queued(turnd.SMARTHOST_QUEUE)
+    assert b"caf\xc3\xa9" in data
+    assert envelope["body"] == "8BITMIME"
+    etrn_dsn(message_body(data))
+
+
+def test_bounce_in_the_smarthost_queue_is_delivered_to_the_smarthost_at_once(make_server, peer):
+    refusing = ScriptedPeer(PeerBehaviour(
+        rcpt_replies={"gone@example.org": "550 5.1.1 no such user"}))
+    try:
+        server = make_server(
+            domains={"example.org": {"route": "client:%d" % refusing.port,
+                                     "etrn_from": ETRN_LOOPBACK}},
+            turnd_section={"smarthost": "127.0.0.1:%d" % peer.port,
+                           "retry_interval": "1h"})
+        send_mail(server, ["gone@example.org"])
+        raw = etrn_session(server)
+        assert etrn_reply(raw, "ETRN example.org")[0] == 253
+        # A bounce for a pushable route is kicked as soon as it is queued.
+        (sender, rcpts, data), = peer.wait_messages(1)
+        assert (sender, rcpts) == ("", ["alice@sender.example"])
+        etrn_dsn(message_body(data))
+        wait_for(lambda: not server.queued(turnd.SMARTHOST_QUEUE), what="smarthost queue empty")
+        assert refusing.received == []
+    finally:
+        refusing.close()
+
+
+def test_message_older_than_queue_lifetime_is_bounced_4_4_7_and_removed(make_server, peer):
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}},
+                         turnd_section={"queue_lifetime": "1s"})
+    send_mail(server, ["a@example.org"])
+    envelope, _ = server.read_queued("example.org")
+    wait_for(lambda: time.time() - envelope["arrival"] > 1.2, what="the message to age")
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: server.queued(turnd.SMARTHOST_QUEUE), what="the expiry bounce")
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+    server.wait_idle()
+    assert peer.received == []
+    dsn_envelope, data = server.read_queued(turnd.SMARTHOST_QUEUE)
+    assert dsn_envelope["sender"] == ""
+    _, _, (fields,), _ = etrn_dsn(message_body(data))
+    assert fields["Action"] == "failed" and fields["Status"] == "4.4.7"
+    assert fields["Final-Recipient"] == "rfc822; a@example.org"
+
+
+# -- coalescing ------------------------------------------------------------------------
+
+def test_two_concurrent_etrns_deliver_each_message_exactly_once(make_server, peer):
+    peer.behaviour.extensions = ETRN_BULK_EXTENSIONS
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    ids = etrn_fill(server.spool, "example.org", 40)
+    first, second = etrn_session(server), etrn_session(server)
+    first.send("ETRN example.org\r\n")
+    second.send("ETRN example.org\r\n")
+    assert first.reply()[0] in (251, 253) and second.reply()[0] in (251, 253)
+    peer.wait_messages(40)
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+    server.wait_idle()
+    seen = [re.search(rb"X-Queue-Id: (\w+)", data).group(1).decode()
+            for data in etrn_peer_bodies(peer)]
+    assert sorted(seen) == sorted(ids)
+
+
+def test_a_storm_of_etrns_runs_one_delivery_at_a_time_over_one_connection(
+        make_server, peer):
+    peer.behaviour.extensions = ETRN_BULK_EXTENSIONS
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}},
+                         threads=4)
+    deliverer = server.app.deliverer
+    active, most, guard = [0], [0], threading.Lock()
+    original = deliverer.deliver
+
+    def counting(queue_name, target=None):
+        with guard:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            return original(queue_name, target)
+        finally:
+            with guard:
+                active[0] -= 1
+
+    deliverer.deliver = counting
+    ids = etrn_fill(server.spool, "example.org", 60)
+    clients = [etrn_session(server) for _ in range(5)]
+    for _ in range(10):
+        for client in clients:
+            client.send("ETRN example.org\r\n")
+    codes = [client.reply()[0] for _ in range(10) for client in clients]
+    assert set(codes) <= {251, 253} and codes.count(253) >= 1
+    peer.wait_messages(60)
+    wait_for(lambda: not server.queued("example.org"), what="queue empty")
+    server.wait_idle()
+    assert most[0] == 1
+    assert peer.connections == 1
+    assert len(peer.received) == 60
+    seen = [re.search(rb"X-Queue-Id: (\w+)", data).group(1).decode()
+            for data in etrn_peer_bodies(peer)]
+    assert sorted(seen) == sorted(ids)
+
+
+def test_five_thousand_queued_messages_go_over_one_connection(make_server, peer):
+    peer.behaviour.extensions = ETRN_BULK_EXTENSIONS
+    server = make_server(domains={"example.org": {"route": "client:%d" % peer.port,
+                                                  "etrn_from": ETRN_LOOPBACK}})
+    ids = etrn_fill(server.spool, "example.org", 5000)
+    raw = etrn_session(server)
+    code, text = etrn_reply(raw, "ETRN example.org")
+    assert code == 253 and re.search(r"\b5000\b", text), text
+    peer.wait_messages(5000, timeout=60)
+    wait_for(lambda: not server.queued("example.org"), timeout=60, what="queue empty")
+    server.wait_idle()
+    assert peer.connections == 1
+    assert len(peer.received) == 5000
+    seen = {re.search(rb"X-Queue-Id: (\w+)", data).group(1).decode()
+            for data in etrn_peer_bodies(peer)}
+    assert seen == set(ids)
+
+
+# -- AutoTURN ---------------------------------------------------------------------------
+
+def test_autoturn_connection_that_only_quits_releases_the_domain(make_server, peer):
+    server = make_server(domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": ETRN_LOOPBACK, "autoturn": "yes"}})
+    send_mail(server, ["bob@parttime.example"])
+    _, stored = server.read_queued("parttime.example")
+    server.wait_idle()
+    assert peer.connections == 0          # sending the mail kicked nothing
+    raw = server.raw()
+    assert raw.code() == 220
+    assert raw.cmd("QUIT")[0] == 221
+    (_, rcpts, data), = peer.wait_messages(1)
+    assert rcpts == ["bob@parttime.example"] and data == stored
+    wait_for(lambda: not server.queued("parttime.example"), what="queue empty")
+
+
+def test_autoturn_ignores_connections_from_outside_etrn_from(make_server, peer):
+    server = make_server(domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": "127.0.0.1/32", "autoturn": "yes"}})
+    send_mail(server, ["bob@parttime.example"])
+    sock = socket.socket()
+    sock.settimeout(DEADLINE)
+    sock.bind(("127.0.0.2", 0))
+    sock.connect(("127.0.0.1", server.port))
+    raw = RawClient(server.port, sock=sock)
+    assert raw.code() == 220
+    assert raw.cmd("QUIT")[0] == 221
+    server.wait_idle()
+    assert peer.connections == 0 and len(server.queued("parttime.example")) == 1
+
+
+# -- operator commands ---------------------------------------------------------------
+
+def test_queue_reports_per_domain_as_a_table_and_as_json(make_server):
+    route = "127.0.0.1:%d" % free_port()        # nothing listens: a real last error
+    server = make_server(domains={"example.org": {"route": route},
+                                  "empty.example": {"route": "client:2526",
+                                                    "etrn_from": ETRN_LOOPBACK}},
+                         turnd_section={"retry_interval": "1h"})
+    send_mail(server, ["a@example.org"])
+    send_mail(server, ["b@example.org"], b"Subject: two\r\n\r\n" + b"x" * 1000 + b"\r\n")
+    sizes = sum(os.path.getsize(os.path.join(server.spool, "example.org", "new", name))
+                for name in server.queued("example.org"))
+    raw = etrn_session(server)
+    assert etrn_reply(raw, "ETRN example.org")[0] == 253
+    wait_for(lambda: server.app.spool.read_state("example.org"), what="the state file")
+    server.wait_idle()
+    server.stop()
+    done = etrn_run_turnd(server.config_path, "--queue")
+    assert done.returncode == 0, done.stderr
+    row = [line for line in done.stdout.splitlines() if line.startswith("example.org ")]
+    assert row and row[0].split()[1] == "2" and route in row[0], done.stdout
+    assert row[0].split()[2] == str(sizes)
+    assert "2 message(s) queued" in done.stdout
+    report = etrn_queue_json(server.config_path)
+    entry = report["example.org"]
+    assert entry["messages"] == 2 and entry["bytes"] == sizes
+    assert isinstance(entry["oldest_age"], int) and 0 <= entry["oldest_age"] < 60
+    assert entry["route"] == route and route in entry["last_error"]
+    assert row[0].rstrip().endswith(entry["last_error"])
+    assert report["empty.example"]["messages"] == 0
+    assert report["empty.example"]["oldest_age"] is None
+    assert report["empty.example"]["route"] == "client:2526"
+
+
+def etrn_filled_then_routed(make_server, tmp_path, routes, messages):
+    """Fill a spool with a server whose domains are all `hold` (nothing can
+    move), stop it, and write a separate configuration for the same spool
+    with the real `routes`.  Returns (server, config path)."""
+    server = make_server(domains={name: {"route": "hold"} for name in routes})
+    for rcpt in messages:
+        send_mail(server, [rcpt])
+    server.stop()
+    directory = tempfile.mkdtemp(dir=str(tmp_path))
+    path = write_config(directory, {"spool": server.spool}, routes)
+    return server, path
+
+
+def test_flush_delivers_a_fixed_host_domain_and_exits_0(make_server, peer, tmp_path):
+    server, path = etrn_filled_then_routed(
+        make_server, tmp_path, {"example.org": {"route": "127.0.0.1:%d" % peer.port}},
+        ["a@example.org", "b@example.org"])
+    done = etrn_run_turnd(path, "--flush", "example.org")
+    assert done.returncode == 0, done.stderr
+    assert len(peer.received) == 2 and peer.connections == 1
+    assert not server.queued("example.org")
+    assert etrn_queue_json(path)["example.org"]["messages"] == 0
+
+
+def test_flush_with_the_receiver_absent_exits_1_and_keeps_the_mail(make_server, tmp_path):
+    port = free_port()
+    server, path = etrn_filled_then_routed(
+        make_server, tmp_path, {"example.org": {"route": "127.0.0.1:%d" % port}},
+        ["a@example.org"])
+    done = etrn_run_turnd(path, "--flush", "example.org")
+    assert done.returncode == 1
+    assert "1 message(s) still queued" in done.stderr
+    assert len(server.queued("example.org")) == 1
+    entry = etrn_queue_json(path)["example.org"]
+    assert entry["messages"] == 1 and "127.0.0.1:%d" % port in entry["last_error"]
+
+
+def test_flush_of_a_client_route_exits_1_with_a_clear_message(make_server, peer, tmp_path):
+    server, path = etrn_filled_then_routed(
+        make_server, tmp_path, {"example.org": {"route": "client:%d" % peer.port,
+                                                "etrn_from": ETRN_LOOPBACK}},
+        ["a@example.org"])
+    done = etrn_run_turnd(path, "--flush", "example.org")
+    assert done.returncode == 1
+    assert "example.org" in done.stderr and "client" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert peer.connections == 0 and len(server.queued("example.org")) == 1
+
+
+def test_flush_of_a_domain_not_held_is_refused(make_server, tmp_path):
+    server, path = etrn_filled_then_routed(
+        make_server, tmp_path, {"example.org": {"route": "hold"}}, [])
+    done = etrn_run_turnd(path, "--flush", "elsewhere.example")
+    assert done.returncode != 0 and "elsewhere.example" in done.stderr
+
+
+def test_run_queue_delivers_every_fixed_host_domain_and_leaves_client_routes(
+        make_server, peer, tmp_path):
+    route = {"route": "127.0.0.1:%d" % peer.port}
+    server, path = etrn_filled_then_routed(
+        make_server, tmp_path, {"one.example": route, "two.example": route,
+                                "dial.example": {"route": "client:%d" % peer.port,
+                                                 "etrn_from": ETRN_LOOPBACK}},
+        ["a@one.example", "b@two.example", "c@dial.example"])
+    done = etrn_run_turnd(path, "--run-queue")
+    assert done.returncode == 0, done.stderr
+    assert sorted(r for _, rcpts, _ in peer.received for r in rcpts) == [
+        "a@one.example", "b@two.example"]
+    report = etrn_queue_json(path)
+    assert report["one.example"]["messages"] == 0 and report["two.example"]["messages"] == 0
+    assert report["dial.example"]["messages"] == 1
+
+
+def test_mail_for_a_fixed_host_route_is_retried_when_a_new_server_starts(
+        make_server, peer):
+    first = make_server(domains={"example.org": {"route": "hold"}})
+    send_mail(first, ["a@example.org"])
+    _, stored = first.read_queued("example.org")
+    first.stop()
+    assert peer.connections == 0
+    second = make_server(domains={"example.org": {"route": "127.0.0.1:%d" % peer.port}},
+                         turnd_section={"spool": first.spool})
+    (_, rcpts, data), = peer.wait_messages(1)
+    assert rcpts == ["a@example.org"] and data == stored
+    wait_for(lambda: not second.queued("example.org"), what="queue empty")
+
+
+# -- a real client: fetchmail in ETRN mode -----------------------------------------------
+
+def etrn_fetchmail(tmp_path, port, domains):
+    """Run fetchmail's ETRN mode once; return the CompletedProcess."""
+    home = tmp_path / "fetchmail-home"
+    home.mkdir(exist_ok=True)
+    rcfile = home / "fetchmailrc"
+    rcfile.write_text("set no syslog\npoll 127.0.0.1 proto etrn port %d\n"
+                      "  fetchdomains %s\n" % (port, ",".join(domains)))
+    os.chmod(str(rcfile), 0o600)
+    env = dict(os.environ, FETCHMAILHOME=str(home), HOME=str(home))
+    return subprocess.run(["fetchmail", "-f", str(rcfile), "-v", "--nosyslog"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+@pytest.mark.skipif(not shutil.which("fetchmail"), reason="fetchmail is not installed")
+def test_fetchmail_etrn_mode_releases_the_domain_to_the_part_time_host(
+        make_server, peer, tmp_path):
+    server = make_server(domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": ETRN_LOOPBACK}})
+    body = b"Subject: via fetchmail\r\n\r\n.dot line\r\nbytes \xc3\xa9\r\n"
+    etrn_send(server, ["bob@parttime.example"], body, options=["BODY=8BITMIME"])
+    _, stored = server.read_queued("parttime.example")
+    done = etrn_fetchmail(tmp_path, server.port, ["parttime.example"])
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "ETRN parttime.example" in output and "253" in output, output
+    (_, rcpts, data), = peer.wait_messages(1)
+    assert rcpts == ["bob@parttime.example"] and data == stored
+    wait_for(lambda: not server.queued("parttime.example"), what="queue empty")
+    server.wait_idle()
+    report = etrn_queue_json(server.config_path)
+    assert report["parttime.example"]["messages"] == 0
+    assert sum(row["messages"] for row in report.values()) == 0
+
+
+@pytest.mark.skipif(not shutil.which("fetchmail"), reason="fetchmail is not installed")
+def test_fetchmail_etrn_for_a_refused_domain_exits_3(make_server, peer, tmp_path):
+    server = make_server(domains={"parttime.example": {
+        "route": "client:%d" % peer.port, "etrn_from": ETRN_ELSEWHERE}})
+    send_mail(server, ["bob@parttime.example"])
+    done = etrn_fetchmail(tmp_path, server.port, ["parttime.example"])
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "459" in done.stdout + done.stderr
+    server.wait_idle()
+    assert peer.connections == 0 and len(server.queued("parttime.example")) == 1
