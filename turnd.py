@@ -1761,8 +1761,8 @@ class LineReader:
 
     Owning the buffer lets the session keep two RFC promises exactly:
     pending replies are sent whenever the input buffer runs dry (RFC 2920
-    section 3.2), and whatever a client pipelined behind STARTTLS can be
-    thrown away (RFC 3207 section 4.2; CVE-2011-0411).  smtplib can also read
+    section 3.2), and whatever a client pipelined behind STARTTLS is thrown
+    away with the reader (RFC 3207 section 4.2; CVE-2011-0411).  smtplib can also read
     through it after TURN/ATRN, since it has readline(limit) and close().
     """
 
@@ -1817,9 +1817,6 @@ class LineReader:
             piece = self.readline(DATA_CHUNK)
             if not piece or piece.endswith(b"\n"):
                 return
-
-    def discard(self):
-        self.buffer.clear()
 
     def close(self):
         """For smtplib, which closes its file: the session owns the socket."""
@@ -1920,10 +1917,6 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             # After STARTTLS the TLS socket owns the descriptor (wrap_socket
             # detached self.request), so socketserver's close of the request
             # would leave the client waiting for EOF after our 221 or 421.
-            with contextlib.suppress(OSError):
-                self.connection.close()
-        if self.connection is not self.request:
-            # After STARTTLS the TLS socket owns the file descriptor.
             with contextlib.suppress(OSError):
                 self.connection.close()
 
@@ -2465,15 +2458,15 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             return self.error("not_implemented")
         self.push(reply("tls_go"))
         self.flush()
-        # CVE-2011-0411: anything pipelined after STARTTLS arrived in the clear
-        # and must not be executed inside TLS.
-        self.reader.discard()
         try:
             self.connection = context.wrap_socket(self.connection, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             log.info("[%s] TLS handshake failed: %s", self.peer, exc)
             self.closing = True
             raise SessionEnd() from None
+        # CVE-2011-0411: the old reader's buffer holds whatever the client
+        # pipelined after STARTTLS in the clear.  It goes with the old reader
+        # and is never executed inside TLS.
         self.reader = LineReader(self.connection, self.flush)
         # RFC 3207 section 4.2: forget everything learnt before the handshake.
         self.tls, self.helo, self.esmtp, self.user = True, None, False, None
