@@ -4979,3 +4979,1907 @@ def test_a_seeded_fuzzer_of_mutated_dialogues_gets_well_formed_replies_and_leave
     assert rel_fresh_session_works(server.port)
     assert "Traceback" not in log_capture.text and "unexpected error" not in log_capture.text
     assert not server.tmp_files()
+
+
+# ---------------------------------------------------------------------------
+# Interop: real mail software on both sides of turnd.  A private Postfix
+# relays held mail to turnd; a second private Postfix plays the part-time
+# host's MTA (turnd delivers to it on ETRN, and on ATRN through fetchmail's
+# ODMR proxy); swaks runs scripted client dialogues.  Skipped with a reason
+# when Postfix, swaks, fetchmail or openssl is missing (.ci/run installs them).
+# ---------------------------------------------------------------------------
+
+INTEROP_POSTFIX = shutil.which("postfix") or shutil.which("postfix", path="/usr/sbin:/sbin")
+INTEROP_POSTQUEUE = shutil.which("postqueue") or shutil.which("postqueue", path="/usr/sbin:/sbin")
+INTEROP_POSTSUPER = shutil.which("postsuper") or shutil.which("postsuper", path="/usr/sbin:/sbin")
+INTEROP_SWAKS = shutil.which("swaks")
+INTEROP_FETCHMAIL = shutil.which("fetchmail")
+INTEROP_OPENSSL = shutil.which("openssl")
+INTEROP_DAEMON_DIRS = ("/usr/lib/postfix/sbin", "/usr/libexec/postfix", "/usr/lib/postfix")
+INTEROP_SLOW = 60.0        # Postfix's queue manager and delivery agents are separate processes
+INTEROP_USER, INTEROP_SECRET = "home", "h0me-s3cret"
+INTEROP_SENDER = "alice@sender.example"
+
+
+def interop_wait(predicate, what, *instances):
+    """wait_for with Postfix's patience; a timeout shows the maillogs as they are then."""
+    try:
+        return wait_for(predicate, INTEROP_SLOW, what)
+    except AssertionError as exc:
+        logs = "\n".join(i.maillog()[-4000:] for i in instances)
+        raise AssertionError("%s\nmaillog:\n%s" % (exc, logs)) from None
+
+
+def interop_postfix_missing():
+    if not (INTEROP_POSTFIX and INTEROP_POSTQUEUE and INTEROP_POSTSUPER):
+        return "Postfix is not installed (.ci/run installs the postfix package)"
+    if os.geteuid() != 0:
+        return "a private Postfix instance must be started as root"
+    try:
+        pwd.getpwnam("postfix")
+    except KeyError:
+        return "there is no 'postfix' user"
+    if not any(os.path.exists(os.path.join(d, "master")) for d in INTEROP_DAEMON_DIRS):
+        return "Postfix's master daemon was not found"
+    if not INTEROP_OPENSSL:
+        return "openssl is not installed: cannot make the STARTTLS certificate"
+    return None
+
+
+needs_postfix = pytest.mark.skipif(interop_postfix_missing() is not None,
+                                   reason=str(interop_postfix_missing()))
+needs_swaks = pytest.mark.skipif(INTEROP_SWAKS is None,
+                                 reason="swaks is not installed (.ci/run installs it)")
+needs_interop_fetchmail = pytest.mark.skipif(
+    INTEROP_FETCHMAIL is None, reason="fetchmail is not installed (.ci/run installs it)")
+
+# Only the services these tests use.  chroot is "n" everywhere: the private
+# instance has no chroot jail to populate.
+INTEROP_MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+cached    unix  -       -       n       -       -       smtp
+  -o smtp_connection_cache_on_demand=yes
+  -o smtp_connection_cache_time_limit=1s
+"""
+
+INTEROP_MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {dir}/queue
+data_directory = {dir}/data
+command_directory = {command_dir}
+daemon_directory = {daemon_dir}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = {name}
+mydomain = interop.test
+myorigin = $myhostname
+mydestination =
+mynetworks = 127.0.0.0/8
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+alias_maps =
+alias_database =
+local_recipient_maps =
+# Headers as sent: no Message-ID, Date or From added, no address rewriting.
+local_header_rewrite_clients =
+smtp_host_lookup = native
+disable_dns_lookups = yes
+biff = no
+# Retry within the test's patience, not in five minutes.
+queue_run_delay = 1s
+minimal_backoff_time = 1s
+maximal_backoff_time = 2s
+smtp_connection_cache_on_demand = no
+maillog_file = {dir}/maillog
+maillog_file_prefixes = {dir}
+"""
+
+# Postfix relaying for the held domains: every message goes to turnd.
+# cache.example goes through the "cached" transport: held until
+# `postqueue -f`, then one connection at a time, reused for every message.
+INTEROP_RELAY_CF = """\
+relay_domains = parttime.example, chain.example, cache.example
+relayhost = [127.0.0.1]:{next_hop}
+transport_maps = inline:{{cache.example=cached:[127.0.0.1]:{next_hop}}}
+defer_transports = cached
+cached_destination_concurrency_limit = 1
+smtp_tls_security_level = may
+smtp_tls_loglevel = 1
+# Log the client's side of each dialogue ("> host: MAIL ...", "< host: 250 ...").
+debug_peer_list = 127.0.0.1
+"""
+
+# Postfix as the part-time host's MTA: one maildir for everybody (virtual(8)
+# allows no regexp substitution); nothing is ever sent on from it.
+INTEROP_MTA_CF = """\
+virtual_mailbox_domains = parttime.example, atrn.example, chain.example
+virtual_mailbox_base = {dir}/mail
+virtual_mailbox_maps = static:box/
+default_transport = error:the part-time host sends nothing on in these tests
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = {cert}
+smtpd_tls_key_file = {key}
+smtpd_tls_loglevel = 1
+# Two recipients the part-time host refuses: one for good, one for now.
+smtpd_recipient_restrictions = check_recipient_access inline:{{
+    {{gone@parttime.example = 550 5.1.1 no such user here}},
+    {{later@parttime.example = 450 4.2.1 mailbox busy, try again later}} }},
+    permit_mynetworks, reject_unauth_destination
+"""
+
+
+class InteropPostfix:
+    """A private Postfix: its own config, queue and data directories under a
+    temporary directory, smtpd on a free loopback port.  Nothing under
+    /etc/postfix, no system service and no port 25 is touched."""
+
+    def __init__(self, name, extra, **fields):
+        # Not under pytest's basetemp: that is mode 0700, and Postfix's
+        # daemons run as the postfix user.
+        self.dir = tempfile.mkdtemp(prefix="turnd-interop-postfix-")
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        self.conf = os.path.join(self.dir, "conf")
+        self.mail = os.path.join(self.dir, "mail")
+        for sub in ("conf", "queue", "data", "mail"):
+            os.makedirs(os.path.join(self.dir, sub))
+        owner = pwd.getpwnam("postfix")
+        os.chown(os.path.join(self.dir, "data"), owner.pw_uid, owner.pw_gid)
+        # virtual(8) delivers as the postfix user (never as root).
+        os.chown(self.mail, owner.pw_uid, owner.pw_gid)
+        daemon_dir = next(d for d in INTEROP_DAEMON_DIRS if os.path.exists(os.path.join(d, "master")))
+        with open(os.path.join(self.conf, "main.cf"), "w") as fh:
+            fh.write(INTEROP_MAIN_CF.format(dir=self.dir, name=name, daemon_dir=daemon_dir,
+                                            command_dir=os.path.dirname(INTEROP_POSTFIX)))
+            fh.write(extra.format(dir=self.dir, uid=owner.pw_uid, gid=owner.pw_gid, **fields))
+        with open(os.path.join(self.conf, "master.cf"), "w") as fh:
+            fh.write(INTEROP_MASTER_CF.format(port=self.port))
+        started = self.postfix("start")
+
+        def listening():
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                return True
+        try:
+            assert started.returncode == 0, (started.stdout + started.stderr, self.maillog())
+            interop_wait(listening, "Postfix's smtpd on port %d" % self.port, self)
+        except BaseException:
+            self.stop()
+            raise
+
+    def postfix(self, *args):
+        return subprocess.run([INTEROP_POSTFIX, "-c", self.conf] + list(args), timeout=120,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+
+    def maillog(self):
+        try:
+            with open(os.path.join(self.dir, "maillog"), errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return "(no maillog)"
+
+    def queue_listing(self):
+        """`postqueue -p`: "Mail queue is empty" when nothing is left."""
+        run = subprocess.run([INTEROP_POSTQUEUE, "-c", self.conf, "-p"], timeout=60,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        return (run.stdout + run.stderr).strip()
+
+    def wait_queue_empty(self, flush=False):
+        """flush: `postqueue -f` while waiting, so that deferred mail is retried
+        now rather than when a loaded machine's queue manager gets to it."""
+        def empty():
+            if self.queue_listing() == "Mail queue is empty":
+                return True
+            if flush:
+                subprocess.run([INTEROP_POSTQUEUE, "-c", self.conf, "-f"], timeout=60,
+                               stdin=subprocess.DEVNULL, capture_output=True)
+                time.sleep(0.5)     # between flushes: give the retry a moment
+            return False
+        interop_wait(empty, "Postfix's queue to be empty", self)
+
+    def clear(self):
+        """Drop whatever an earlier (failed) test left queued."""
+        subprocess.run([INTEROP_POSTSUPER, "-c", self.conf, "-d", "ALL"], timeout=60,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+        self.wait_queue_empty()
+
+    def mailbox(self, local):
+        """The messages delivered to local@..., oldest first, as CRLF bytes
+        (maildir files have bare LF line ends)."""
+        new = os.path.join(self.mail, "box", "new")
+        if not os.path.isdir(new):
+            return []
+        found = []
+        for name in sorted(os.listdir(new), key=lambda n: os.stat(os.path.join(new, n)).st_mtime):
+            with open(os.path.join(new, name), "rb") as fh:
+                data = fh.read().replace(b"\n", b"\r\n")
+            if re.search(rb"^Delivered-To: " + re.escape(local.encode()) + rb"@", data, re.M):
+                found.append(data)
+        return found
+
+    def wait_mailbox(self, local, count):
+        return interop_wait(lambda: len(self.mailbox(local)) >= count and self.mailbox(local),
+                            "%d message(s) in Postfix's maildir %s" % (count, local), self)
+
+    def stop(self):
+        self.postfix("stop")
+        pidfile = os.path.join(self.dir, "queue", "pid", "master.pid")
+
+        def gone():
+            try:
+                with open(pidfile) as fh:
+                    pid = int(fh.read().split()[0])
+                os.kill(pid, 0)
+                with open("/proc/%d/stat" % pid) as fh:
+                    return fh.read().rsplit(")", 1)[-1].split()[0] == "Z"
+            except (OSError, ValueError, IndexError):
+                return True
+        wait_for(gone, INTEROP_SLOW, "Postfix's master to exit")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def interop_cert(tmp_path_factory):
+    """(cert, key) for mx.test.example, made at test time by openssl."""
+    if INTEROP_OPENSSL is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    directory = tmp_path_factory.mktemp("interop-tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run([INTEROP_OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    key, "-out", cert, "-days", "2", "-subj", "/CN=mx.test.example"],
+                   check=True, capture_output=True, timeout=120)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def interop_relay_instance():
+    """Postfix relaying parttime.example and chain.example to turnd, which
+    each test starts on relay.next_hop (a fixed port chosen here)."""
+    reason = interop_postfix_missing()
+    if reason:
+        pytest.skip(reason)
+    next_hop = free_port()
+    instance = InteropPostfix("relay.interop.test",
+                              INTEROP_RELAY_CF, next_hop=next_hop)
+    instance.next_hop = next_hop
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def interop_relay(interop_relay_instance):
+    interop_relay_instance.clear()
+    return interop_relay_instance
+
+
+@pytest.fixture(scope="module")
+def interop_mta(tmp_path_factory, interop_cert):
+    """Postfix as the part-time host's MTA, offering STARTTLS, delivering
+    each local part into its own maildir."""
+    reason = interop_postfix_missing()
+    if reason:
+        pytest.skip(reason)
+    instance = InteropPostfix("parttime.interop.test",
+                              INTEROP_MTA_CF, cert=interop_cert[0], key=interop_cert[1])
+    yield instance
+    instance.stop()
+
+
+def interop_message(subject, extra=b""):
+    """A complete message (Postfix adds no header to it) with the hard parts:
+    8-bit text, a lone dot, dot-led lines, a 990-octet line, trailing blanks."""
+    return (b"From: Alice <alice@sender.example>\r\n"
+            b"To: bob@parttime.example\r\n"
+            b"Subject: " + subject.encode("ascii") + b"\r\n"
+            b"Date: Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+            b"Message-ID: <" + subject.replace(" ", "-").encode("ascii") + b"@sender.example>\r\n"
+            b"MIME-Version: 1.0\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n"
+            b"\r\n"
+            b"Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln, caf\xc3\xa9 \xe2\x82\xac\r\n"
+            b".\r\n"
+            b"..two dots\r\n"
+            b".one dot\r\n"
+            b"\r\n"
+            b"trailing blanks \t \r\n"
+            + b"x" * 990 + b"\r\n" + extra +
+            b"-- \r\nthe end\r\n")
+
+
+INTEROP_RECEIVED = re.compile(rb"\AReceived: [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+
+
+def interop_received_headers(data, original):
+    """The Received headers stacked above `original` in `data` (which must
+    end with it, unchanged), top first."""
+    assert data.endswith(original), "message changed on the way:\n%r" % data[-2000:]
+    prefix, headers = data[:len(data) - len(original)], []
+    while prefix:
+        match = INTEROP_RECEIVED.match(prefix)
+        assert match, "unexpected header lines above the message: %r" % prefix
+        headers.append(match.group(0))
+        prefix = prefix[match.end():]
+    return headers
+
+
+def interop_delivery_headers(data):
+    """Split what Postfix's virtual(8) put in a maildir file: (the
+    Return-Path/X-Original-To/Delivered-To lines, the rest)."""
+    added = re.match(rb"\A(Return-Path: [^\r\n]*\r\n)(X-Original-To: [^\r\n]*\r\n)?"
+                     rb"(Delivered-To: [^\r\n]*\r\n)", data)
+    assert added, "no delivery headers in %r" % data[:300]
+    return added.group(0), data[added.end():]
+
+
+def interop_dialogues(maillog, port):
+    """Postfix's client side of each SMTP session to 127.0.0.1:port, as
+    logged through debug_peer_list: lists of "> command" and "< reply line";
+    a MAIL command is cut to "> MAIL FROM:<"."""
+    pattern = re.compile(r"postfix/smtp\[(\d+)\]: ([<>]) 127\.0\.0\.1\[127\.0\.0\.1\]:%d: (.*)"
+                         % port)
+    sessions, current = [], {}
+    for match in pattern.finditer(maillog):
+        pid, line = match.group(1), match.group(2) + " " + match.group(3)
+        if line.startswith("> MAIL FROM:<"):
+            line = "> MAIL FROM:<"
+        if line.startswith("< 220 ") and not line.startswith("< 220 2.0.0"):
+            current[pid] = []             # a greeting: a new session
+            sessions.append(current[pid])
+        current.setdefault(pid, []).append(line)
+    return sessions
+
+
+def interop_send(port, sender, rcpts, data, options=("BODY=8BITMIME",), host="127.0.0.1"):
+    with smtplib.SMTP(host, port, local_hostname="client.test", timeout=DEADLINE) as client:
+        client.ehlo()
+        refused = client.sendmail(sender, list(rcpts), data, mail_options=list(options))
+        assert refused == {}, refused
+
+
+# -- Postfix -> turnd: turnd as the backup MX Postfix relays to --------------------------
+
+@needs_postfix
+def test_postfix_relays_held_mail_to_turnd_over_starttls_with_8bit_and_dot_lines_intact(
+        make_server, interop_relay, interop_cert):
+    server = make_server(turnd_section={
+        "listen": "127.0.0.1:%d" % interop_relay.next_hop, "tls_cert": interop_cert[0],
+        "tls_key": interop_cert[1]}, domains={"parttime.example": {"route": "hold"}})
+    messages = {"first": interop_message("interop one"),
+                "second": interop_message("interop two", b"..\r\n. \r\n"),
+                "third": interop_message("interop three")}
+    interop_send(interop_relay.port, INTEROP_SENDER, ["bob@parttime.example"], messages["first"])
+    interop_send(interop_relay.port, INTEROP_SENDER,
+                 ["bob@parttime.example", "carol@parttime.example"], messages["second"])
+    interop_send(interop_relay.port, "", ["dave@parttime.example"], messages["third"])
+    interop_wait(lambda: len(server.queued("parttime.example")) == 3,
+                 "3 messages in turnd's spool", interop_relay)
+    interop_relay.wait_queue_empty()
+    stored = [server.read_queued("parttime.example", name)
+              for name in server.queued("parttime.example")]
+    by_subject = {}
+    for envelope, data in stored:
+        original = next(m for m in messages.values() if data.endswith(m))
+        by_subject[original] = envelope
+        ours, postfix = interop_received_headers(data, original)
+        # Postfix talked ESMTP over TLS to us, and named itself.
+        assert b"from relay.interop.test" in ours and b"with ESMTPS id" in ours, (
+            ours, interop_relay.maillog()[-3000:])
+        assert b"by relay.interop.test (Postfix)" in postfix, postfix
+        assert envelope["body"] == "8BITMIME"
+        assert envelope["helo"] == "relay.interop.test"
+    assert sorted((e["sender"], tuple(e["rcpts"])) for e in by_subject.values()) == [
+        ("", ("dave@parttime.example",)),
+        (INTEROP_SENDER, ("bob@parttime.example",)),
+        (INTEROP_SENDER, ("bob@parttime.example", "carol@parttime.example"))]
+    assert "TLS connection established to 127.0.0.1" in interop_relay.maillog()
+    # PIPELINING (RFC 2920): MAIL, RCPT... and DATA in one go, before any reply.
+    sessions = interop_dialogues(interop_relay.maillog(), interop_relay.next_hop)
+    transactions = [lines[lines.index("> MAIL FROM:<"):] for lines in sessions
+                    if "> MAIL FROM:<" in lines]
+    assert len(transactions) == 3, sessions
+    for lines in transactions:
+        first_reply = next(i for i, line in enumerate(lines) if line.startswith("<"))
+        assert lines[first_reply - 1] == "> DATA", lines
+        assert lines[first_reply] == "< 250 2.1.0 Sender OK", lines
+    assert not server.tmp_files()
+
+
+@needs_postfix
+def test_postfix_retries_recipients_turnd_defers_with_452_until_all_arrive(
+        make_server, interop_relay):
+    server = make_server(turnd_section={
+        "listen": "127.0.0.1:%d" % interop_relay.next_hop, "max_recipients": "2"},
+        domains={"parttime.example": {"route": "hold"}})
+    rcpts = ["r%d@parttime.example" % i for i in range(5)]
+    original = interop_message("interop five recipients")
+    interop_send(interop_relay.port, INTEROP_SENDER, rcpts, original)
+    interop_relay.wait_queue_empty(flush=True)
+    got = []
+    for name in server.queued("parttime.example"):
+        envelope, data = server.read_queued("parttime.example", name)
+        assert len(envelope["rcpts"]) <= 2
+        assert data.endswith(original)
+        got += envelope["rcpts"]
+    assert sorted(got) == rcpts, (got, interop_relay.maillog()[-6000:])
+
+
+@needs_postfix
+def test_postfix_reuses_one_cached_connection_for_a_burst_of_messages(
+        make_server, interop_relay, log_capture):
+    server = make_server(turnd_section={"listen": "127.0.0.1:%d" % interop_relay.next_hop},
+                         domains={"cache.example": {"route": "hold"}})
+    sent = [interop_message("cached %d" % i) for i in range(6)]
+    for i, message in enumerate(sent):
+        interop_send(interop_relay.port, INTEROP_SENDER, ["c%d@cache.example" % i], message)
+    # defer_transports holds them all; the flush sends them as one burst.
+    interop_wait(lambda: interop_relay.queue_listing().count("cache.example") == 6,
+                 "6 messages held by Postfix", interop_relay)
+    assert server.queued("cache.example") == []
+    subprocess.run([INTEROP_POSTQUEUE, "-c", interop_relay.conf, "-f"], check=True,
+                   timeout=60, stdin=subprocess.DEVNULL, capture_output=True)
+    interop_wait(lambda: len(server.queued("cache.example")) == 6, "6 messages at turnd",
+                 interop_relay)
+    interop_relay.wait_queue_empty()
+    stored = sorted(server.read_queued("cache.example", name)[1]
+                    for name in server.queued("cache.example"))
+    assert sorted(m for m in sent for d in stored if d.endswith(m)) == sorted(sent)
+    # Postfix reused the connection (conn_use=2 and more in its log), and
+    # turnd saw more than one message in a session.
+    assert re.search(r"conn_use=[2-9]", interop_relay.maillog()), interop_relay.maillog()[-3000:]
+    def counts():
+        return [int(n) for n in re.findall(r"ended: (\d+) message\(s\) accepted",
+                                           log_capture.text)]
+    # Postfix closes a cached connection after smtp_connection_cache_time_limit.
+    interop_wait(lambda: sum(counts()) == 6, "turnd's sessions with Postfix to end",
+                 interop_relay)
+    assert max(counts()) >= 2, counts()
+    # Between messages Postfix probes the cached connection with RSET.
+    reused = [lines for lines in interop_dialogues(interop_relay.maillog(), interop_relay.next_hop)
+              if "> RSET" in lines]
+    assert reused and "> MAIL FROM:<" in reused[0][reused[0].index("> RSET"):], reused
+
+
+@needs_postfix
+def test_postfix_bounces_a_message_over_turnds_advertised_size_without_sending_it(
+        make_server, interop_relay):
+    server = make_server(turnd_section={
+        "listen": "127.0.0.1:%d" % interop_relay.next_hop, "max_message_size": "10K"},
+        domains={"parttime.example": {"route": "hold"}})
+    original = interop_message("interop too big", (b"z" * 70 + b"\r\n") * 200)
+    # From the null sender: a bounce is never bounced, so Postfix sends
+    # nothing back through turnd.
+    interop_send(interop_relay.port, "", ["big@parttime.example"], original)
+    interop_wait(lambda: "message size" in interop_relay.maillog()
+                 and "status=bounced" in interop_relay.maillog(),
+                 "Postfix to bounce the message", interop_relay)
+    interop_relay.wait_queue_empty()
+    assert server.queued("parttime.example") == []
+
+
+# -- turnd -> Postfix: Postfix as the part-time host's MTA ---------------------------------
+
+def interop_check_delivered(delivered, spooled, mta_name=b"parttime.interop.test"):
+    """A maildir file holds exactly what turnd spooled (and so sent), below
+    Postfix's delivery headers and its own Received line; returns that line."""
+    _, rest = interop_delivery_headers(delivered)
+    headers = interop_received_headers(rest, spooled)
+    assert len(headers) == 1, headers
+    assert b"by " + mta_name + b" (Postfix)" in headers[0], headers[0]
+    return headers[0]
+
+
+@needs_postfix
+def test_turnd_delivers_to_postfix_on_etrn_over_starttls_and_postfix_stores_the_exact_bytes(
+        make_server, interop_mta, interop_cert):
+    server = make_server(domains={"parttime.example": {
+        "route": "127.0.0.1:%d" % interop_mta.port}})
+    # Postfix's smtpd takes lines over 998 octets (line_length_limit chops
+    # them into records, delivery joins them again): turnd passes them as is.
+    sent = [interop_message("etrn to postfix %d" % i, b"." * i + b"\r\n" + b"L" * 5000 + b"\r\n")
+            for i in range(3)]
+    for i, message in enumerate(sent):
+        interop_send(server.port, INTEROP_SENDER, ["etrn%d@parttime.example" % i], message)
+    interop_send(server.port, INTEROP_SENDER, ["etrn-a@parttime.example", "etrn-b@parttime.example"],
+                 sent[0], options=())
+    spooled = {}
+    for name in server.queued("parttime.example"):
+        envelope, data = server.read_queued("parttime.example", name)
+        spooled[tuple(envelope["rcpts"])] = data
+    assert len(spooled) == 4
+    raw = server.raw()
+    assert raw.code() == 220
+    assert raw.cmd("EHLO client.test")[0] == 250
+    code, text = raw.cmd("ETRN parttime.example")
+    assert code == 253, text
+    raw.cmd("QUIT")
+    for rcpts, data in spooled.items():
+        for rcpt in rcpts:
+            local = rcpt.split("@")[0]
+            delivered, = interop_mta.wait_mailbox(local, 1)
+            theirs = interop_check_delivered(delivered, data)
+            # turnd used STARTTLS, since Postfix offered it.
+            assert b"from mx.test.example" in theirs and b"with ESMTPS id" in theirs, theirs
+            assert b"Delivered-To: " + rcpt.encode() in delivered
+            assert b"Return-Path: <%s>" % INTEROP_SENDER.encode() in delivered
+    wait_for(lambda: not server.queued("parttime.example"), what="turnd's queue to empty")
+    server.wait_idle()
+    interop_mta.wait_queue_empty()
+
+
+@needs_postfix
+def test_postfix_refusals_make_turnd_bounce_for_good_and_keep_for_later(
+        make_server, interop_mta):
+    server = make_server(domains={"parttime.example": {
+        "route": "127.0.0.1:%d" % interop_mta.port}})
+    original = interop_message("partly refused")
+    rcpts = ["gone@parttime.example", "later@parttime.example", "fine@parttime.example"]
+    interop_send(server.port, INTEROP_SENDER, rcpts, original)
+    _, spooled = server.read_queued("parttime.example")
+    raw = server.raw()
+    assert raw.code() == 220 and raw.cmd("EHLO client.test")[0] == 250
+    assert raw.cmd("ETRN parttime.example")[0] == 253
+    raw.cmd("QUIT")
+    delivered, = interop_mta.wait_mailbox("fine", 1)
+    interop_check_delivered(delivered, spooled)
+    server.wait_idle()
+    # The 450 recipient stays queued, alone; the 550 one is bounced to the
+    # sender, quoting Postfix's own reply.
+    envelope, data = server.read_queued("parttime.example")
+    assert envelope["rcpts"] == ["later@parttime.example"] and data == spooled
+    _, bounce = server.read_queued(turnd.SMARTHOST_QUEUE)
+    report = email.message_from_bytes(message_body(bounce), policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    status = report.get_payload()[1].get_payload()[1]
+    assert status["Final-Recipient"] == "rfc822; gone@parttime.example"
+    assert status["Status"] == "5.1.1" and status["Action"] == "failed"
+    assert "no such user here" in status["Diagnostic-Code"], status["Diagnostic-Code"]
+    assert interop_mta.mailbox("gone") == [] and interop_mta.mailbox("later") == []
+
+
+@needs_postfix
+@needs_interop_fetchmail
+def test_fetchmail_odmr_turns_atrn_into_a_delivery_to_postfix_with_the_exact_bytes(
+        make_server, interop_mta, tmp_path):
+    server = make_server(odmr=True, users={INTEROP_USER: INTEROP_SECRET}, domains={
+        "atrn.example": {"route": "hold", "owners": INTEROP_USER}})
+    sent = [interop_message("odmr to postfix %d" % i) for i in range(2)]
+    interop_send(server.port, INTEROP_SENDER, ["odmr0@atrn.example"], sent[0])
+    interop_send(server.port, "", ["odmr1@atrn.example"], sent[1])
+    spooled = {server.read_queued("atrn.example", name)[0]["rcpts"][0]:
+               server.read_queued("atrn.example", name)[1]
+               for name in server.queued("atrn.example")}
+    home = tmp_path / "fetchmail-odmr"
+    home.mkdir(mode=0o700)
+    rcfile = home / "fetchmailrc"
+    rcfile.write_text("set no syslog\n"
+                      "poll 127.0.0.1 proto odmr port %d\n"
+                      "  user \"%s\" password \"%s\"\n"
+                      "  fetchdomains atrn.example\n"
+                      "  smtphost 127.0.0.1/%d\n"
+                      % (server.odmr_port, INTEROP_USER, INTEROP_SECRET, interop_mta.port))
+    os.chmod(str(rcfile), 0o600)
+    env = dict(os.environ, FETCHMAILHOME=str(home), HOME=str(home))
+    done = subprocess.run([INTEROP_FETCHMAIL, "-f", str(rcfile), "-v", "--nosyslog"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
+                          timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output + interop_mta.maillog()[-3000:]
+    assert "ATRN atrn.example" in output, output
+    for rcpt, data in spooled.items():
+        delivered, = interop_mta.wait_mailbox(rcpt.split("@")[0], 1)
+        theirs = interop_check_delivered(delivered, data)
+        # On the turned connection turnd is Postfix's client, through the
+        # proxy: no STARTTLS there (fetchmail relays lines, not TLS records).
+        assert b"from mx.test.example" in theirs, theirs
+    assert b"Return-Path: <>" in interop_mta.mailbox("odmr1")[0]
+    wait_for(lambda: not server.queued("atrn.example"), what="turnd's queue to empty")
+    interop_mta.wait_queue_empty()
+
+
+@needs_postfix
+@needs_interop_fetchmail
+def test_mail_travels_postfix_to_turnd_to_postfix_unchanged_when_fetchmail_sends_etrn(
+        make_server, interop_relay, interop_mta, tmp_path):
+    server = make_server(turnd_section={"listen": "127.0.0.1:%d" % interop_relay.next_hop},
+                         domains={"chain.example": {"route": "client:%d" % interop_mta.port,
+                                                    "etrn_from": "127.0.0.0/8"}})
+    original = interop_message("whole chain", b".\r\n..\r\n")
+    interop_send(interop_relay.port, INTEROP_SENDER, ["chain@chain.example"], original)
+    interop_wait(lambda: server.queued("chain.example"), "the message at turnd", interop_relay)
+    interop_relay.wait_queue_empty()
+    home = tmp_path / "fetchmail-etrn"
+    home.mkdir(mode=0o700)
+    rcfile = home / "fetchmailrc"
+    rcfile.write_text("set no syslog\npoll 127.0.0.1 proto etrn port %d\n"
+                      "  fetchdomains chain.example\n" % server.port)
+    os.chmod(str(rcfile), 0o600)
+    env = dict(os.environ, FETCHMAILHOME=str(home), HOME=str(home))
+    done = subprocess.run([INTEROP_FETCHMAIL, "-f", str(rcfile), "-v", "--nosyslog"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    delivered, = interop_mta.wait_mailbox("chain", 1)
+    _, rest = interop_delivery_headers(delivered)
+    mta, turnd_hop, relay = interop_received_headers(rest, original)
+    assert b"by parttime.interop.test (Postfix)" in mta and b"from mx.test.example" in mta
+    assert b"by mx.test.example (turnd" in turnd_hop and b"from relay.interop.test" in turnd_hop
+    assert b"by relay.interop.test (Postfix)" in relay and b"from client.test" in relay
+    wait_for(lambda: not server.queued("chain.example"), what="turnd's queue to empty")
+    server.wait_idle()
+    interop_mta.wait_queue_empty()
+
+
+# -- swaks: scripted client dialogues --------------------------------------------------
+
+def interop_swaks(server, *args, rcpts=("bob@parttime.example",), timeout=120):
+    """Run swaks against turnd; return (exit status, transcript)."""
+    command = [INTEROP_SWAKS, "--server", "127.0.0.1", "--port", str(server.port),
+               "--ehlo", "client.test", "--from", INTEROP_SENDER, "--to", ",".join(rcpts),
+               "--timeout", "30"] + list(args)
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=timeout)
+    return done.returncode, (done.stdout + done.stderr).decode("utf-8", "replace")
+
+
+def interop_swaks_server(make_server, **kwargs):
+    kwargs.setdefault("domains", {"parttime.example": {"route": "hold"}})
+    return make_server(**kwargs)
+
+
+def interop_sent(transcript):
+    """The command lines swaks sent (" -> "), in order; "~>" lines went under TLS."""
+    return [line[4:] for line in transcript.splitlines() if line[:4] in (" -> ", " ~> ")]
+
+
+@needs_swaks
+def test_swaks_plain_dialogue_delivers_one_message_and_exits_0(make_server):
+    server = interop_swaks_server(make_server)
+    status, transcript = interop_swaks(server, "--header", "Subject: swaks plain")
+    assert status == 0, transcript
+    envelope, data = server.read_queued("parttime.example")
+    assert envelope["sender"] == INTEROP_SENDER
+    assert envelope["rcpts"] == ["bob@parttime.example"]
+    body = message_body(data)
+    assert b"Subject: swaks plain\r\n" in body and b"X-Mailer: swaks" in body
+    # swaks ends every body with two empty lines of its own.
+    assert body.endswith(b"\r\n\r\nThis is a test mailing\r\n\r\n\r\n"), body
+    assert b"with ESMTP id" in data.split(b"\r\n\r\n")[0]
+
+
+@needs_swaks
+def test_swaks_pipelines_mail_rcpts_and_data_and_a_refused_rcpt_is_left_out(make_server):
+    server = interop_swaks_server(make_server)
+    rcpts = ("a@parttime.example", "b@parttime.example", "c@elsewhere.example",
+             "d@parttime.example")
+    status, transcript = interop_swaks(server, "--pipeline", rcpts=rcpts)
+    # swaks carries on with the accepted recipients and exits 0.
+    assert status == 0, transcript
+    sent = interop_sent(transcript)
+    first_mail = next(i for i, line in enumerate(sent) if line.startswith("MAIL FROM:"))
+    assert [line.split(":")[0] for line in sent[first_mail:first_mail + 6]] == [
+        "MAIL FROM", "RCPT TO", "RCPT TO", "RCPT TO", "RCPT TO", "DATA"], transcript
+    # The pipelined group went out before the first reply came back.
+    lines = transcript.splitlines()
+    mail_at = next(i for i, line in enumerate(lines) if line.startswith(" -> MAIL FROM:"))
+    assert all(line.startswith(" -> ") for line in lines[mail_at:mail_at + 6]), transcript
+    assert "550 5.7.1" in transcript
+    envelope, _ = server.read_queued("parttime.example")
+    assert envelope["rcpts"] == ["a@parttime.example", "b@parttime.example", "d@parttime.example"]
+
+
+@needs_swaks
+def test_swaks_starttls_then_auth_plain_is_accepted_and_recorded_as_esmtpsa(
+        make_server, interop_cert):
+    server = interop_swaks_server(make_server, users={INTEROP_USER: INTEROP_SECRET},
+                                  turnd_section={"tls_cert": interop_cert[0],
+                                                 "tls_key": interop_cert[1]})
+    status, transcript = interop_swaks(server, "--tls", "--auth", "PLAIN", "--auth-user",
+                                       INTEROP_USER, "--auth-password", INTEROP_SECRET)
+    assert status == 0, transcript
+    assert "STARTTLS" in interop_sent(transcript)
+    assert any(line.startswith("AUTH PLAIN") for line in interop_sent(transcript)), transcript
+    _, data = server.read_queued("parttime.example")
+    assert b"with ESMTPSA id" in data.split(b"\r\n\r\n")[0], data[:400]
+
+
+@needs_swaks
+def test_swaks_auth_cram_md5_works_and_a_wrong_password_exits_28_with_nothing_stored(
+        make_server):
+    server = interop_swaks_server(make_server, users={INTEROP_USER: INTEROP_SECRET})
+    status, transcript = interop_swaks(server, "--auth", "CRAM-MD5", "--auth-user", INTEROP_USER,
+                                       "--auth-password", "wrong")
+    assert status == 28, transcript
+    assert "535 5.7.8" in transcript
+    assert server.queued("parttime.example") == []
+    status, transcript = interop_swaks(server, "--auth", "CRAM-MD5", "--auth-user", INTEROP_USER,
+                                       "--auth-password", INTEROP_SECRET)
+    assert status == 0, transcript
+    assert "235 2.7.0" in transcript
+    _, data = server.read_queued("parttime.example")
+    assert b"with ESMTPA id" in data.split(b"\r\n\r\n")[0], data[:400]
+
+
+@needs_swaks
+def test_swaks_eight_bit_body_and_dot_lines_are_stored_unchanged(make_server, tmp_path):
+    server = interop_swaks_server(make_server)
+    body = (b"Gr\xc3\xbc\xc3\x9fe, caf\xc3\xa9 \xe2\x82\xac and latin-1 \xe9\xff\r\n"
+            b".\r\n..two\r\n.one\r\n\r\nend\r\n")
+    path = tmp_path / "body.txt"
+    path.write_bytes(body)
+    status, transcript = interop_swaks(server, "--body", "@%s" % path)
+    assert status == 0, transcript
+    envelope, data = server.read_queued("parttime.example")
+    assert message_body(data).endswith(b"\r\n\r\n" + body + b"\r\n\r\n"), data[-300:]
+
+
+@needs_swaks
+def test_swaks_ten_megabyte_attachment_arrives_whole(make_server, tmp_path):
+    server = interop_swaks_server(make_server, turnd_section={"max_message_size": "20M"})
+    payload = hashlib.sha256(b"seed").digest() * (10 * 1024 * 1024 // 32)
+    path = tmp_path / "big.bin"
+    path.write_bytes(payload)
+    status, transcript = interop_swaks(server, "--attach", "@%s" % path, "--suppress-data")
+    assert status == 0, transcript
+    _, data = server.read_queued("parttime.example")
+    message = email.message_from_bytes(message_body(data), policy=email.policy.default)
+    attachments = [part for part in message.iter_attachments()]
+    assert [part.get_filename() for part in attachments] == ["big.bin"]
+    assert attachments[0].get_content() == payload
+
+
+@needs_swaks
+def test_swaks_quit_after_ehlo_sees_etrn_advertised_and_leaves_cleanly(make_server):
+    # swaks (20201014) has no way to send ETRN or any other verb of one's
+    # choosing: --quit-after stops at EHLO, AUTH, MAIL or RCPT at most.  The
+    # ETRN dialogue itself is fetchmail's (above, and in the ETRN tests).
+    server = interop_swaks_server(make_server)
+    status, transcript = interop_swaks(server, "--quit-after", "EHLO")
+    assert status == 0, transcript
+    assert "<-  250-ETRN" in transcript, transcript
+    assert interop_sent(transcript)[-1] == "QUIT" and "<-  221 2.0.0" in transcript
+    assert server.queued("parttime.example") == []
+
+
+# ---------------------------------------------------------------------------
+# AUTH (RFC 4954), STARTTLS (RFC 3207), authenticated TURN (RFC 821) and
+# ATRN on the ODMR listener (RFC 2645), with fetchmail as the real customer
+# ---------------------------------------------------------------------------
+
+ALICE, ALICE_SECRET = "alice", "alice-s3cret"
+BOB, BOB_SECRET = "bob", "bob-s3cret"
+CAROL, CAROL_SECRET = "carol", "carol-s3cret"      # owns nothing
+ACCOUNTS = {ALICE: ALICE_SECRET, BOB: BOB_SECRET, CAROL: CAROL_SECRET}
+
+# TURN: alice owns two TURN domains and one ATRN-only domain; bob owns one.
+TURN_DOMAINS = {
+    "turn.example": {"route": "hold", "turn": "yes", "owners": ALICE},
+    "turn2.example": {"route": "hold", "turn": "yes", "owners": ALICE},
+    "bobs.example": {"route": "hold", "turn": "yes", "owners": BOB},
+    "noturn.example": {"route": "hold", "owners": ALICE},
+}
+
+# ATRN: alice owns a, c and empty; bob owns b and shares c.
+ODMR_DOMAINS = {
+    "a.example": {"route": "hold", "owners": ALICE},
+    "b.example": {"route": "hold", "owners": BOB},
+    "c.example": {"route": "hold", "owners": "%s, %s" % (ALICE, BOB)},
+    "empty.example": {"route": "hold", "owners": ALICE},
+}
+
+FETCHMAIL = shutil.which("fetchmail")
+needs_fetchmail = pytest.mark.skipif(
+    FETCHMAIL is None, reason="fetchmail is not installed (.ci/run installs it)")
+
+
+def auth_server(make_server, turnd_section=None, **kwargs):
+    """make_server with the test accounts and a short idle timeout, so that a
+    failing test cannot leave a reversed session holding teardown for minutes."""
+    section = {"timeout": "15s"}
+    section.update(turnd_section or {})
+    return make_server(users=ACCOUNTS, turnd_section=section, **kwargs)
+
+
+def b64(data):
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return base64.b64encode(data).decode("ascii")
+
+
+def cram_md5_answer(user, secret, challenge_text):
+    """The client's CRAM-MD5 line (RFC 2195) for a 334 challenge."""
+    challenge = base64.b64decode(challenge_text)
+    digest = hmac.new(secret.encode("utf-8"), challenge, hashlib.md5).hexdigest()
+    return b64("%s %s" % (user, digest))
+
+
+def greeted(server, port=None):
+    """A RawClient that has read the 220 greeting."""
+    raw = server.raw(port)
+    code, lines = raw.reply()
+    assert code == 220, lines
+    return raw
+
+
+def ehlo_keywords(raw, name="client.test"):
+    """Send EHLO and return the keywords (the reply lines after the first)."""
+    raw.send("EHLO %s\r\n" % name)
+    code, lines = raw.reply()
+    assert code == 250, lines
+    return lines[1:]
+
+
+def auth_mechanisms(keywords):
+    """The mechanisms of the AUTH keyword, or [] when AUTH is not offered."""
+    for keyword in keywords:
+        if keyword.upper().startswith("AUTH "):
+            return keyword.split()[1:]
+    return []
+
+
+def login_cram(raw, user=ALICE, secret=ALICE_SECRET):
+    """AUTH CRAM-MD5; returns (code, text) of the final reply."""
+    code, text = raw.cmd("AUTH CRAM-MD5")
+    assert code == 334, text
+    return raw.cmd(cram_md5_answer(user, secret, text))
+
+
+def login_plain(raw, user=ALICE, secret=ALICE_SECRET):
+    return raw.cmd("AUTH PLAIN " + b64("\0%s\0%s" % (user, secret)))
+
+
+def tls_client_context():
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def start_tls(raw):
+    """STARTTLS, then the handshake on the RawClient's socket."""
+    code, text = raw.cmd("STARTTLS")
+    assert code == 220, text
+    assert raw.buffer == b"", "bytes after the 220: %r" % raw.buffer
+    raw.sock = tls_client_context().wrap_socket(raw.sock, server_hostname="mx.test.example")
+
+
+def be_the_customer(raw, behaviour=None):
+    """After a 250 to TURN/ATRN: play the SMTP server on the same connection."""
+    assert raw.buffer == b"", "bytes after the 250: %r" % raw.buffer
+    received = []
+    session = PeerSession(raw.sock, behaviour or PeerBehaviour(), received, threading.Lock())
+    with contextlib.suppress(OSError):
+        session.run()
+    # A session that dropped the line called sock.close(), which takes effect
+    # only once its makefile() reader is closed too.
+    session.file.close()
+    return session, received
+
+
+def stored(server, domain, qid):
+    """(sender, rcpts, bytes) of a queued message, as the customer must get it."""
+    envelope, data = server.read_queued(domain, qid)
+    return (envelope["sender"], envelope["rcpts"], data)
+
+
+def queue_one(server, rcpts, subject, sender="alice@sender.example"):
+    body = ("Subject: %s\r\n\r\nText of %s.\r\n.a line starting with a dot\r\n"
+            % (subject, subject)).encode("ascii")
+    return send_mail(server, rcpts, body, sender=sender)
+
+
+def sessions_done(server):
+    wait_for(lambda: not server.app.sessions, what="turnd's sessions to end")
+
+
+@pytest.fixture(scope="module")
+def selfsigned_tls(tmp_path_factory):
+    """(cert, key) for mx.test.example, made at test time by openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "2", "-subj", "/CN=mx.test.example"],
+                   check=True, capture_output=True, timeout=120)
+    return cert, key
+
+
+def tls_section(selfsigned_tls):
+    return {"tls_cert": selfsigned_tls[0], "tls_key": selfsigned_tls[1]}
+
+
+@pytest.fixture
+def inetd_turnd(tmp_path):
+    """Factory: one `turnd.py --inetd` child on a socketpair, seen from `remote_ip`.
+
+    Returns (RawClient that has read the 220, finish) where finish() waits
+    for the child and returns (exit status, stderr text).
+    """
+    children = []
+
+    def start(remote_ip="192.0.2.1", odmr=False, **config):
+        directory = tempfile.mkdtemp(dir=str(tmp_path))
+        conf = write_config(directory, **config)
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, TCPREMOTEIP=remote_ip)
+        args = [sys.executable, TURND, "--inetd", "-c", conf] + (["--odmr"] if odmr else [])
+        child = subprocess.Popen(args, stdin=theirs, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, env=env)
+        theirs.close()
+        children.append(child)
+        raw = RawClient(None, sock=ours)
+
+        def finish():
+            raw.close()
+            _, err = child.communicate(timeout=DEADLINE)
+            return child.returncode, err.decode("utf-8", "replace")
+
+        code, lines = raw.reply()
+        assert code == 220, lines
+        return raw, finish
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+# -- the users file ----------------------------------------------------------
+
+def test_users_file_with_comments_and_blank_lines_is_loaded(tmp_path):
+    path = tmp_path / "users"
+    path.write_text("# accounts\n\nalice:alice-s3cret\n  # indented comment\nbob:a:b:c\n")
+    os.chmod(path, 0o600)
+    assert turnd.load_users(str(path)) == {"alice": "alice-s3cret", "bob": "a:b:c"}
+
+
+def test_users_file_readable_by_group_or_others_is_refused_naming_file_and_fix(tmp_path):
+    directory = str(tmp_path)
+    conf = write_config(directory, users={ALICE: ALICE_SECRET})
+    users = os.path.join(directory, "users")
+    os.chmod(users, 0o640)
+    with pytest.raises(turnd.ConfigError) as caught:
+        turnd.load_config(conf)
+    assert users in str(caught.value) and "chmod 600" in str(caught.value)
+    # The command line refuses to start, with the same one-line message.
+    result = subprocess.run([sys.executable, TURND, "--check", "-c", conf],
+                            capture_output=True, text=True, timeout=DEADLINE)
+    assert result.returncode == 2, result
+    assert users in result.stderr and "chmod 600" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_users_file_is_read_again_on_reload(make_server):
+    server = make_server(users={ALICE: ALICE_SECRET})
+    users = os.path.join(server.directory, "users")
+    with open(users, "w") as fh:
+        fh.write("alice:new-secret\ndave:dave-s3cret\n")
+    assert server.app.reload(lambda: turnd.load_config(server.config_path))
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw, ALICE, ALICE_SECRET)[0] == 535
+    assert login_cram(raw, "dave", "dave-s3cret")[0] == 235
+
+
+def test_no_users_file_means_no_auth_offered_and_auth_gets_502(make_server):
+    server = make_server()
+    raw = greeted(server)
+    assert auth_mechanisms(ehlo_keywords(raw)) == []
+    assert raw.cmd("AUTH CRAM-MD5")[0] == 502
+
+
+# -- AUTH ----------------------------------------------------------------------
+
+def test_auth_cram_md5_with_the_right_secret_succeeds_with_235(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    assert "CRAM-MD5" in auth_mechanisms(ehlo_keywords(raw))
+    code, text = raw.cmd("AUTH CRAM-MD5")
+    assert code == 334
+    challenge = base64.b64decode(text, validate=True)
+    assert challenge.startswith(b"<") and challenge.endswith(b"@mx.test.example>")
+    code, text = raw.cmd(cram_md5_answer(ALICE, ALICE_SECRET, text))
+    assert (code, text.split()[0]) == (235, "2.7.0")
+
+
+def test_auth_cram_md5_challenges_differ_between_sessions(make_server):
+    server = auth_server(make_server)
+    challenges = set()
+    for _ in range(2):
+        raw = greeted(server)
+        ehlo_keywords(raw)
+        code, text = raw.cmd("AUTH CRAM-MD5")
+        assert code == 334
+        challenges.add(text)
+        raw.close()
+    assert len(challenges) == 2
+
+
+def test_auth_with_a_wrong_password_gets_535_and_unknown_user_the_same_reply(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    wrong = login_cram(raw, ALICE, "not-the-secret")
+    assert wrong[0] == 535 and wrong[1].startswith("5.7.8")
+    unknown = login_cram(raw, "mallory", "whatever")
+    assert unknown == wrong
+    # The session is still usable and not authenticated.
+    assert raw.cmd("NOOP")[0] == 250
+    assert login_cram(raw)[0] == 235
+
+
+def test_auth_plain_wrong_password_and_unknown_user_get_identical_replies(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    wrong = login_plain(raw, ALICE, "nope")
+    unknown = login_plain(raw, "mallory", "nope")
+    assert wrong[0] == 535 and wrong == unknown
+
+
+def test_auth_cancelled_with_star_gets_501(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("AUTH CRAM-MD5")[0] == 334
+    assert raw.cmd("*")[0] == 501
+    assert raw.cmd("AUTH LOGIN")[0] == 334
+    assert raw.cmd("*")[0] == 501
+    # A cancelled exchange is not an authentication: AUTH may be tried again.
+    assert login_cram(raw)[0] == 235
+
+
+def test_auth_with_bad_base64_gets_501_5_5_2(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    code, text = raw.cmd("AUTH PLAIN not*base64!")
+    assert (code, text.split()[0]) == (501, "5.5.2")
+    assert raw.cmd("AUTH CRAM-MD5")[0] == 334
+    code, text = raw.cmd("AAA=BBB")
+    assert (code, text.split()[0]) == (501, "5.5.2")
+    assert raw.cmd("AUTH PLAIN =AAA")[0] == 501
+
+
+def test_auth_cram_md5_with_an_initial_response_gets_501(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    # RFC 4954 section 4: the server speaks first in CRAM-MD5.
+    code, text = raw.cmd("AUTH CRAM-MD5 " + b64("alice 0123"))
+    assert code == 501
+
+
+def test_auth_with_an_unknown_mechanism_gets_504_5_5_4(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    for mechanism in ("DIGEST-MD5", "XOAUTH2", "GSSAPI"):
+        code, text = raw.cmd("AUTH " + mechanism)
+        assert (code, text.split()[0]) == (504, "5.5.4"), mechanism
+    assert raw.cmd("AUTH")[0] == 504
+
+
+def test_second_auth_after_success_gets_503(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("AUTH CRAM-MD5")[0] == 503
+    assert raw.cmd("AUTH PLAIN " + b64("\0bob\0" + BOB_SECRET))[0] == 503
+
+
+def test_auth_inside_a_mail_transaction_gets_503(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("MAIL FROM:<x@sender.example>")[0] == 250
+    assert raw.cmd("AUTH CRAM-MD5")[0] == 503
+    assert raw.cmd("RSET")[0] == 250
+    assert login_cram(raw)[0] == 235
+
+
+def test_auth_before_ehlo_gets_503(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    assert raw.cmd("AUTH CRAM-MD5")[0] == 503
+
+
+def test_three_auth_failures_end_the_session_with_421(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw, ALICE, "bad-1")[0] == 535
+    assert login_plain(raw, ALICE, "bad-2")[0] == 535
+    code, text = login_cram(raw, "mallory", "bad-3")
+    assert code == 421 and text.startswith("4.7.0")
+    assert raw.closed()
+    assert raw.buffer == b""
+
+
+def test_plain_and_login_are_advertised_on_loopback_without_tls(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    assert auth_mechanisms(ehlo_keywords(raw)) == ["CRAM-MD5", "PLAIN", "LOGIN"]
+
+
+def test_auth_plain_with_an_initial_response_succeeds(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    code, text = login_plain(raw, BOB, BOB_SECRET)
+    assert (code, text.split()[0]) == (235, "2.7.0")
+
+
+def test_auth_plain_with_an_empty_challenge_succeeds(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    raw.send("AUTH PLAIN\r\n")
+    assert raw.line() == "334 "         # RFC 4954 section 4: exactly "334 "
+    assert raw.cmd(b64("\0%s\0%s" % (ALICE, ALICE_SECRET)))[0] == 235
+
+
+def test_auth_plain_with_a_foreign_authorization_identity_is_refused(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("AUTH PLAIN " + b64("bob\0alice\0" + ALICE_SECRET))[0] == 535
+    assert raw.cmd("AUTH PLAIN " + b64("alice\0alice\0" + ALICE_SECRET))[0] == 235
+
+
+def test_auth_login_exchange_succeeds(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("AUTH LOGIN") == (334, b64("Username:"))
+    assert raw.cmd(b64(ALICE)) == (334, b64("Password:"))
+    code, text = raw.cmd(b64(ALICE_SECRET))
+    assert (code, text.split()[0]) == (235, "2.7.0")
+
+
+def test_auth_login_with_initial_username_and_wrong_password_gets_535(make_server):
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("AUTH LOGIN " + b64(BOB)) == (334, b64("Password:"))
+    assert raw.cmd(b64("wrong"))[0] == 535
+
+
+def test_non_loopback_plaintext_session_offers_only_cram_md5(inetd_turnd):
+    raw, finish = inetd_turnd(users=ACCOUNTS)
+    assert auth_mechanisms(ehlo_keywords(raw)) == ["CRAM-MD5"]
+    code, text = raw.cmd("AUTH PLAIN " + b64("\0%s\0%s" % (ALICE, ALICE_SECRET)))
+    assert (code, text.split()[0]) == (504, "5.5.4")
+    assert raw.cmd("AUTH LOGIN")[0] == 504
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("QUIT")[0] == 221
+    status, err = finish()
+    assert status == 0, err
+    assert "Traceback" not in err
+
+
+def test_authenticated_owner_may_etrn_its_client_domain(make_server, peer):
+    server = auth_server(make_server, domains={"client.example": {
+        "route": "client:%d" % peer.port, "etrn_from": "10.0.0.0/8", "owners": ALICE}})
+    qid = queue_one(server, ["home@client.example"], "owner etrn")
+    expected = stored(server, "client.example", qid)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("ETRN client.example")[0] == 459       # 127.0.0.1 not in etrn_from
+    assert login_cram(raw, BOB, BOB_SECRET)[0] == 235
+    assert raw.cmd("ETRN client.example")[0] == 459       # bob does not own it
+    raw.close()
+    assert peer.connections == 0 and server.queued("client.example") == [qid]
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    code, text = raw.cmd("ETRN client.example")
+    assert code == 253, text
+    assert peer.wait_messages(1) == [expected]
+    wait_for(lambda: not server.queued("client.example"), what="client.example emptied")
+
+
+def test_received_line_says_esmtpa_after_auth(make_server):
+    server = auth_server(make_server, domains={"held.example": {"route": "hold"}})
+    with server.smtp() as client:
+        client.ehlo("client.test")
+        client.login(ALICE, ALICE_SECRET)
+        client.sendmail("a@sender.example", ["x@held.example"], b"Subject: a\r\n\r\nauth\r\n")
+    with server.smtp() as client:
+        client.ehlo("client.test")
+        client.sendmail("a@sender.example", ["y@held.example"], b"Subject: b\r\n\r\nanon\r\n")
+    protocols = set()
+    for name in server.queued("held.example"):
+        data = server.read_queued("held.example", name)[1]
+        protocols.add(data.split(b"\r\n")[1].split(b" with ")[1].split()[0])
+    assert protocols == {b"ESMTPA", b"ESMTP"}
+
+
+# -- STARTTLS --------------------------------------------------------------------
+
+def test_starttls_is_advertised_before_tls_only(make_server, selfsigned_tls):
+    server = auth_server(make_server, turnd_section=tls_section(selfsigned_tls))
+    raw = greeted(server)
+    assert "STARTTLS" in ehlo_keywords(raw)
+    start_tls(raw)
+    assert raw.sock.version() in ("TLSv1.2", "TLSv1.3")
+    keywords = ehlo_keywords(raw)
+    assert "STARTTLS" not in keywords
+    assert "PLAIN" in auth_mechanisms(keywords)
+    code, text = raw.cmd("STARTTLS")            # RFC 3207 names no code; not 220
+    assert code // 100 == 5
+    assert raw.cmd("NOOP")[0] == 250
+
+
+def test_starttls_with_a_parameter_gets_501(make_server, selfsigned_tls):
+    server = make_server(turnd_section=tls_section(selfsigned_tls))
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("STARTTLS x")[0] == 501
+    assert raw.cmd("NOOP")[0] == 250            # still plaintext, still serving
+
+
+def test_starttls_without_a_certificate_is_not_offered_and_gets_502(make_server):
+    server = make_server()
+    raw = greeted(server)
+    assert "STARTTLS" not in ehlo_keywords(raw)
+    assert raw.cmd("STARTTLS")[0] == 502
+
+
+def test_quit_over_tls_closes_the_connection(make_server, selfsigned_tls):
+    server = make_server(turnd_section=tls_section(selfsigned_tls))
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    start_tls(raw)
+    ehlo_keywords(raw)
+    assert raw.cmd("QUIT")[0] == 221
+    assert raw.closed(), "turnd kept the TLS connection open after 221"
+
+
+def test_starttls_forgets_helo_transaction_and_authentication(make_server, selfsigned_tls):
+    server = auth_server(make_server, turnd_section=tls_section(selfsigned_tls),
+                         domains=TURN_DOMAINS)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("MAIL FROM:<x@sender.example>")[0] == 250
+    start_tls(raw)
+    assert raw.cmd("MAIL FROM:<x@sender.example>")[0] == 503      # no EHLO yet
+    ehlo_keywords(raw)
+    assert raw.cmd("RCPT TO:<a@turn.example>")[0] == 503          # no transaction
+    assert raw.cmd("TURN")[0] == 530                              # not authenticated
+    assert login_plain(raw)[0] == 235                             # not "already"
+
+
+def test_commands_pipelined_behind_starttls_are_discarded(make_server, selfsigned_tls):
+    # CVE-2011-0411: the RSET arrives in plaintext in the same write.
+    server = make_server(turnd_section=tls_section(selfsigned_tls))
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    raw.send("STARTTLS\r\nRSET\r\n")
+    code, lines = raw.reply()
+    assert code == 220, lines
+    assert raw.buffer == b"", "the injected RSET was answered in plaintext: %r" % raw.buffer
+    raw.sock = tls_client_context().wrap_socket(raw.sock, server_hostname="mx.test.example")
+    assert raw.cmd("NOOP")[0] == 250
+    # Had the RSET been executed, its 250 would arrive now instead of the 221.
+    assert raw.cmd("QUIT")[0] == 221
+    assert raw.closed()
+    assert raw.buffer == b""
+
+
+def test_failed_tls_handshake_ends_the_session_and_turnd_keeps_serving(
+        make_server, selfsigned_tls, log_capture):
+    server = make_server(turnd_section=tls_section(selfsigned_tls))
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("STARTTLS")[0] == 220
+    raw.send(b"this is not a TLS client hello\r\n" * 4)
+    assert raw.closed()
+    # A client that vanishes after the 220 is no different.
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("STARTTLS")[0] == 220
+    raw.close()
+    sessions_done(server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert raw.cmd("NOOP")[0] == 250
+    assert "TLS handshake failed" in log_capture.text
+    assert "Traceback" not in log_capture.text
+
+
+def test_tls_enables_plain_and_login_on_a_non_loopback_connection(inetd_turnd, selfsigned_tls):
+    raw, finish = inetd_turnd(users=ACCOUNTS, turnd_section=tls_section(selfsigned_tls))
+    assert auth_mechanisms(ehlo_keywords(raw)) == ["CRAM-MD5"]
+    start_tls(raw)
+    assert auth_mechanisms(ehlo_keywords(raw)) == ["CRAM-MD5", "PLAIN", "LOGIN"]
+    assert login_plain(raw)[0] == 235
+    assert raw.cmd("QUIT")[0] == 221
+    assert raw.closed()
+    status, err = finish()
+    assert status == 0, err
+    assert "Traceback" not in err
+
+
+def test_received_line_says_esmtpsa_after_starttls_and_auth(make_server, selfsigned_tls):
+    server = auth_server(make_server, turnd_section=tls_section(selfsigned_tls),
+                         domains={"held.example": {"route": "hold"}})
+    with server.smtp() as client:
+        client.starttls(context=tls_client_context())
+        client.ehlo("client.test")
+        client.login(ALICE, ALICE_SECRET)
+        client.sendmail("a@sender.example", ["x@held.example"], b"Subject: s\r\n\r\ntls\r\n")
+    data = server.read_queued("held.example")[1]
+    assert b" with ESMTPSA id " in data.split(b"\r\n")[1], data[:300]
+
+
+# -- TURN ---------------------------------------------------------------------------
+
+def test_turn_when_no_domain_enables_it_gets_502_and_is_not_advertised(make_server):
+    server = auth_server(make_server, domains={"held.example": {
+        "route": "hold", "owners": ALICE}})
+    raw = greeted(server)
+    assert "TURN" not in ehlo_keywords(raw)
+    code, text = raw.cmd("TURN")
+    assert (code, text.split()[0]) == (502, "5.5.1")
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("TURN")[0] == 502
+    assert raw.cmd("NOOP")[0] == 250            # not reversed
+
+
+def test_turn_is_advertised_when_a_domain_enables_it(make_server):
+    server = auth_server(make_server, domains=TURN_DOMAINS)
+    raw = greeted(server)
+    assert "TURN" in ehlo_keywords(raw)
+
+
+def test_turn_before_auth_gets_530(make_server):
+    server = auth_server(make_server, domains=TURN_DOMAINS)
+    queue_one(server, ["a@turn.example"], "no auth")
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    code, text = raw.cmd("TURN")
+    assert (code, text.split()[0]) == (530, "5.7.0")
+    assert raw.cmd("NOOP")[0] == 250
+    assert len(server.queued("turn.example")) == 1
+
+
+def test_turn_inside_a_mail_transaction_gets_503(make_server):
+    server = auth_server(make_server, domains=TURN_DOMAINS)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("MAIL FROM:<x@sender.example>")[0] == 250
+    assert raw.cmd("TURN")[0] == 503
+    assert raw.cmd("RSET")[0] == 250
+
+
+def test_turn_from_an_account_owning_no_turn_domain_gets_502(make_server):
+    server = auth_server(make_server, domains=TURN_DOMAINS)
+    queue_one(server, ["a@turn.example"], "not carol's")
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw, CAROL, CAROL_SECRET)[0] == 235
+    code, text = raw.cmd("TURN")
+    assert (code, text.split()[0]) == (502, "5.7.1")      # the documented choice
+    assert raw.cmd("NOOP")[0] == 250
+    assert len(server.queued("turn.example")) == 1
+
+
+def test_turn_delivers_only_the_accounts_turn_domains_on_the_same_connection(make_server):
+    server = auth_server(make_server, domains=TURN_DOMAINS)
+    mine = [("turn.example", queue_one(server, ["a@turn.example", "b@turn.example"], "one")),
+            ("turn2.example", queue_one(server, ["c@turn2.example"], "two"))]
+    both = queue_one(server, ["d@turn.example", "e@bobs.example"], "split copy")
+    mine.append(("turn.example", both))
+    queue_one(server, ["f@bobs.example"], "bob's")
+    queue_one(server, ["g@noturn.example"], "atrn only")
+    expected = sorted(stored(server, domain, qid) for domain, qid in mine)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    code, text = raw.cmd("TURN")
+    assert (code, text.split()[0]) == (250, "2.0.0")
+    greeting = "220 customer.example ESMTP first line\n220 second line of the greeting"
+    session, received = be_the_customer(raw, PeerBehaviour(greeting=greeting))
+    assert session.commands[0].upper() == "EHLO MX.TEST.EXAMPLE"
+    assert session.commands[-1].upper() == "QUIT"
+    assert sorted(received) == expected
+    assert raw.closed()
+    assert not server.queued("turn.example") and not server.queued("turn2.example")
+    assert len(server.queued("bobs.example")) == 2
+    assert len(server.queued("noturn.example")) == 1
+    assert server.read_queued("bobs.example", both)[0]["rcpts"] == ["e@bobs.example"]
+
+
+def test_turn_with_nothing_queued_sends_ehlo_then_quit(make_server):
+    server = auth_server(make_server, domains=TURN_DOMAINS)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("TURN")[0] == 250
+    session, received = be_the_customer(raw)
+    assert [c.upper() for c in session.commands] == ["EHLO MX.TEST.EXAMPLE", "QUIT"]
+    assert received == []
+
+
+def test_turn_customer_refusing_a_recipient_gets_a_bounce_and_the_rest_delivered(make_server):
+    server = auth_server(make_server, domains=dict(TURN_DOMAINS, **{
+        "sender.example": {"route": "hold"}}))
+    qid = queue_one(server, ["ok@turn.example", "gone@turn.example"], "partial")
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("TURN")[0] == 250
+    behaviour = PeerBehaviour(rcpt_replies={"gone@turn.example": "550 5.1.1 no such user"})
+    session, received = be_the_customer(raw, behaviour)
+    assert [r[1] for r in received] == [["ok@turn.example"]]
+    assert raw.closed()
+    sessions_done(server)
+    assert not server.queued("turn.example")
+    envelope, dsn = server.read_queued("sender.example")       # the bounce (RFC 3464)
+    assert envelope["sender"] == "" and envelope["rcpts"] == ["alice@sender.example"]
+    assert b"gone@turn.example" in dsn and b"5.1.1" in dsn and qid.encode() in dsn
+
+
+def test_turn_customer_closing_mid_data_leaves_the_mail_queued(make_server):
+    server = auth_server(make_server, domains=TURN_DOMAINS)
+    qids = [queue_one(server, ["a@turn.example"], "first"),
+            queue_one(server, ["b@turn.example"], "second")]
+    expected = sorted(stored(server, "turn.example", qid) for qid in qids)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("TURN")[0] == 250
+    session, received = be_the_customer(raw, PeerBehaviour(drop_in_data=2))
+    assert received == [] and session.commands[-1].upper() == "DATA"
+    sessions_done(server)
+    assert server.queued("turn.example") == sorted(qids)
+    assert server.tmp_files() == []
+    # Nothing was damaged: the next TURN delivers both, byte for byte.
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("TURN")[0] == 250
+    _, received = be_the_customer(raw)
+    assert sorted(received) == expected
+    sessions_done(server)
+    assert not server.queued("turn.example")
+
+
+class LockProbingCustomer(PeerSession):
+    """A customer that checks, while receiving data, whether turnd holds the lock."""
+
+    spool, domain, lock_free = None, None, None
+
+    def read_data(self):
+        with self.spool.lock(self.domain) as locked:
+            self.lock_free = locked
+        return super().read_data()
+
+
+def test_turn_holds_the_domain_lock_while_delivering(make_server):
+    server = auth_server(make_server, domains=TURN_DOMAINS)
+    queue_one(server, ["a@turn.example"], "locked")
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("TURN")[0] == 250
+    assert raw.buffer == b""
+    received = []
+    session = LockProbingCustomer(raw.sock, PeerBehaviour(), received, threading.Lock())
+    session.spool, session.domain = server.app.spool, "turn.example"
+    session.run()
+    session.file.close()
+    assert session.lock_free is False
+    assert len(received) == 1
+    sessions_done(server)
+    with server.app.spool.lock("turn.example") as locked:
+        assert locked                           # released afterwards
+
+
+def test_turn_over_tls_keeps_tls_across_the_role_swap(make_server, selfsigned_tls):
+    server = auth_server(make_server, domains=TURN_DOMAINS,
+                         turnd_section=tls_section(selfsigned_tls))
+    qid = queue_one(server, ["secret@turn.example"], "over tls")
+    expected = stored(server, "turn.example", qid)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    start_tls(raw)
+    assert "TURN" in ehlo_keywords(raw)
+    assert login_plain(raw)[0] == 235
+    assert raw.cmd("TURN")[0] == 250
+    assert isinstance(raw.sock, ssl.SSLSocket)
+    session, received = be_the_customer(raw)
+    assert received == [expected]
+    assert session.commands[0].upper() == "EHLO MX.TEST.EXAMPLE" and session.commands[-1].upper() == "QUIT"
+    assert raw.closed()
+    sessions_done(server)
+    assert not server.queued("turn.example")
+
+
+# -- ATRN and the ODMR listener (RFC 2645) ------------------------------------------
+
+def odmr_server(make_server, **kwargs):
+    return auth_server(make_server, domains=ODMR_DOMAINS, odmr=True, **kwargs)
+
+
+def odmr_client(server, user=ALICE, secret=ALICE_SECRET):
+    """A session on the ODMR listener, after EHLO and (if user) CRAM-MD5."""
+    raw = greeted(server, server.odmr_port)
+    ehlo_keywords(raw, "customer.example")
+    if user:
+        assert login_cram(raw, user, secret)[0] == 235
+    return raw
+
+
+def test_odmr_listener_advertises_auth_with_cram_md5_and_atrn(make_server):
+    server = odmr_server(make_server)
+    assert server.odmr_port and server.odmr_port != server.port
+    raw = greeted(server, server.odmr_port)
+    keywords = ehlo_keywords(raw, "customer.example")
+    assert "ATRN" in keywords
+    assert "CRAM-MD5" in auth_mechanisms(keywords)
+    assert not {"ETRN", "TURN", "PIPELINING", "8BITMIME"} & set(keywords)
+
+
+def test_odmr_listener_advertises_no_command_it_answers_with_502(make_server):
+    # RFC 5321 section 4.2.4: never list a capability that gets 502.
+    server = odmr_server(make_server)
+    raw = greeted(server, server.odmr_port)
+    keywords = ehlo_keywords(raw, "customer.example")
+    for verb in ("HELP", "ETRN", "TURN", "VRFY", "EXPN"):
+        if any(k.split()[0].upper() == verb for k in keywords):
+            assert raw.cmd(verb)[0] != 502, verb
+
+
+def test_odmr_before_auth_allows_only_ehlo_auth_quit_noop_rset(make_server):
+    server = odmr_server(make_server)
+    queue_one(server, ["x@a.example"], "waiting")
+    raw = odmr_client(server, user=None)
+    for command in ("MAIL FROM:<x@sender.example>", "RCPT TO:<x@a.example>", "DATA",
+                    "ETRN a.example", "VRFY x"):
+        code, text = raw.cmd(command)
+        assert (code, text.split()[0]) == (502, "5.5.1"), command
+    code, text = raw.cmd("ATRN a.example")
+    assert (code, text.split()[0]) == (530, "5.7.0")
+    assert raw.cmd("ATRN")[0] == 530
+    assert raw.cmd("NOOP")[0] == 250
+    assert raw.cmd("RSET")[0] == 250
+    assert raw.cmd("QUIT")[0] == 221
+    assert raw.closed()
+    assert len(server.queued("a.example")) == 1
+
+
+def test_odmr_after_auth_allows_only_atrn_and_quit(make_server):
+    server = odmr_server(make_server)
+    raw = odmr_client(server)
+    for command in ("NOOP", "RSET", "EHLO again.example", "HELO again.example",
+                    "MAIL FROM:<x@sender.example>", "AUTH CRAM-MD5", "STARTTLS"):
+        assert raw.cmd(command)[0] == 502, command
+    assert raw.cmd("ATRN empty.example")[0] == 453
+    assert raw.cmd("QUIT")[0] == 221
+
+
+def test_atrn_naming_a_domain_not_owned_gets_450_and_sends_nothing(make_server):
+    server = odmr_server(make_server)
+    queue_one(server, ["x@a.example"], "alice's")
+    queue_one(server, ["y@b.example"], "bob's")
+    raw = odmr_client(server)
+    code, text = raw.cmd("ATRN a.example,b.example")
+    assert (code, text.split()[0]) == (450, "4.7.0")
+    assert raw.cmd("ATRN b.example")[0] == 450
+    assert raw.cmd("ATRN a.example,notheld.example")[0] == 450
+    # Not reversed: the connection still answers commands, and nothing moved.
+    assert raw.cmd("QUIT")[0] == 221
+    assert raw.closed() and raw.buffer == b""
+    assert len(server.queued("a.example")) == 1 and len(server.queued("b.example")) == 1
+
+
+def test_bare_atrn_delivers_every_domain_the_account_owns(make_server):
+    server = odmr_server(make_server)
+    mine = [("a.example", queue_one(server, ["x@a.example"], "a")),
+            ("c.example", queue_one(server, ["y@c.example", "z@c.example"], "c"))]
+    queue_one(server, ["w@b.example"], "b")
+    expected = sorted(stored(server, domain, qid) for domain, qid in mine)
+    raw = odmr_client(server)
+    code, text = raw.cmd("ATRN")
+    assert (code, text.split()[0]) == (250, "2.0.0")
+    session, received = be_the_customer(raw)
+    assert sorted(received) == expected
+    assert session.commands[-1].upper() == "QUIT"
+    assert raw.closed()
+    assert not server.queued("a.example") and not server.queued("c.example")
+    assert len(server.queued("b.example")) == 1
+
+
+def test_atrn_for_owned_domains_without_mail_gets_453(make_server):
+    server = odmr_server(make_server)
+    queue_one(server, ["w@b.example"], "bob's mail is not alice's")
+    raw = odmr_client(server)
+    code, text = raw.cmd("ATRN empty.example")
+    assert (code, text.split()[0]) == (453, "4.0.0")
+    assert raw.cmd("ATRN empty.example,a.example")[0] == 453
+    assert raw.cmd("QUIT")[0] == 221
+
+
+def test_malformed_atrn_arguments_get_501(make_server):
+    server = odmr_server(make_server)
+    queue_one(server, ["x@a.example"], "stays")
+    raw = odmr_client(server)
+    for arg in ("a.example, c.example", "a.example ,c.example", "localhost", "a.example,,c.example",
+                "a.example,", "-a.example", "a_b.example", "a.example;c.example"):
+        code, text = raw.cmd("ATRN " + arg)
+        assert code == 501, (arg, code, text)
+    assert raw.cmd("QUIT")[0] == 221
+    assert len(server.queued("a.example")) == 1
+
+
+def test_atrn_success_reverses_the_connection_and_delivers_byte_for_byte(make_server):
+    server = odmr_server(make_server)
+    body = (b"Subject: dots\r\n\r\n.\r\n..two\r\nplain\r\n.\r\n" + b"x" * 1500 + b"\r\n")
+    qid = send_mail(server, ["x@a.example"], body)
+    expected = stored(server, "a.example", qid)
+    raw = odmr_client(server, BOB, BOB_SECRET)
+    assert raw.cmd("ATRN a.example")[0] == 450          # bob does not own a.example
+    raw.close()
+    raw = odmr_client(server)
+    code, text = raw.cmd("ATRN a.example")
+    assert (code, text.split()[0]) == (250, "2.0.0")
+    greeting = "220 customer.example ready\n220 to receive email"
+    session, received = be_the_customer(raw, PeerBehaviour(greeting=greeting))
+    assert received == [expected]
+    assert message_body(received[0][2]) == body
+    assert session.commands[0].upper() == "EHLO MX.TEST.EXAMPLE"
+    assert session.commands[-1].upper() == "QUIT"
+    assert raw.closed()
+    sessions_done(server)
+    assert not server.queued("a.example")
+
+
+def test_atrn_for_a_domain_being_delivered_gets_450(make_server):
+    server = odmr_server(make_server)
+    queue_one(server, ["x@a.example"], "busy")
+    raw = odmr_client(server)
+    with server.app.spool.lock("a.example") as locked:
+        assert locked
+        code, text = raw.cmd("ATRN a.example")
+        assert (code, text.split()[0]) == (450, "4.7.0")
+        assert "a.example" in text
+    assert len(server.queued("a.example")) == 1
+    # Once the other run is done, the customer's retry succeeds.
+    assert raw.cmd("ATRN a.example")[0] == 250
+    _, received = be_the_customer(raw)
+    assert len(received) == 1
+
+
+def test_atrn_when_the_spool_cannot_be_read_gets_451(make_server, monkeypatch):
+    server = odmr_server(make_server)
+    queue_one(server, ["x@a.example"], "unreadable")
+
+    def broken(queue_name):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(server.app.spool, "count", broken)
+    raw = odmr_client(server)
+    code, text = raw.cmd("ATRN a.example")
+    assert (code, text.split()[0]) == (451, "4.4.3")
+    assert raw.cmd("QUIT")[0] == 221
+
+
+def test_atrn_on_the_main_listener_gets_502_unless_smtp_atrn_is_set(make_server):
+    server = odmr_server(make_server)
+    queue_one(server, ["x@a.example"], "main")
+    raw = greeted(server)
+    assert "ATRN" not in ehlo_keywords(raw)
+    assert login_cram(raw)[0] == 235
+    code, text = raw.cmd("ATRN a.example")
+    assert (code, text.split()[0]) == (502, "5.5.1")
+    assert raw.cmd("NOOP")[0] == 250
+    assert len(server.queued("a.example")) == 1
+
+
+def test_atrn_on_the_main_listener_with_smtp_atrn(make_server):
+    server = auth_server(make_server, domains=ODMR_DOMAINS,
+                         turnd_section={"smtp_atrn": "yes"})
+    qid = queue_one(server, ["x@a.example"], "main listener atrn")
+    expected = stored(server, "a.example", qid)
+    raw = greeted(server)
+    assert "ATRN" in ehlo_keywords(raw)
+    assert raw.cmd("ATRN a.example")[0] == 530
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("MAIL FROM:<x@sender.example>")[0] == 250
+    assert raw.cmd("ATRN a.example")[0] == 503           # inside a transaction
+    assert raw.cmd("RSET")[0] == 250
+    assert raw.cmd("ATRN a.example")[0] == 250
+    _, received = be_the_customer(raw)
+    assert received == [expected]
+    assert raw.closed()
+
+
+def test_atrn_customer_refusing_with_a_554_greeting_keeps_the_mail_queued(make_server):
+    server = odmr_server(make_server)
+    qid = queue_one(server, ["x@a.example"], "refused greeting")
+    raw = odmr_client(server)
+    assert raw.cmd("ATRN a.example")[0] == 250
+    session, received = be_the_customer(raw, PeerBehaviour(greeting="554 customer.example busy"))
+    assert received == []
+    assert all(not c.upper().startswith(("MAIL", "RCPT", "DATA")) for c in session.commands)
+    assert raw.closed()
+    sessions_done(server)
+    assert server.queued("a.example") == [qid]
+
+
+def test_atrn_over_starttls_on_the_odmr_listener_keeps_tls(make_server, selfsigned_tls):
+    server = odmr_server(make_server, turnd_section=tls_section(selfsigned_tls))
+    qid = queue_one(server, ["x@c.example"], "odmr over tls")
+    expected = stored(server, "c.example", qid)
+    raw = greeted(server, server.odmr_port)
+    assert "STARTTLS" in ehlo_keywords(raw, "customer.example")
+    start_tls(raw)
+    keywords = ehlo_keywords(raw, "customer.example")
+    assert "STARTTLS" not in keywords and "ATRN" in keywords
+    assert login_plain(raw, BOB, BOB_SECRET)[0] == 235
+    assert raw.cmd("ATRN c.example")[0] == 250
+    _, received = be_the_customer(raw)
+    assert received == [expected]
+    assert raw.closed()
+
+
+def test_inetd_odmr_session_from_a_remote_address_offers_cram_md5_and_atrn(inetd_turnd):
+    raw, finish = inetd_turnd(odmr=True, users=ACCOUNTS, domains=ODMR_DOMAINS)
+    keywords = ehlo_keywords(raw, "customer.example")
+    assert "ATRN" in keywords and auth_mechanisms(keywords) == ["CRAM-MD5"]
+    assert raw.cmd("ATRN a.example")[0] == 530
+    assert raw.cmd("AUTH PLAIN " + b64("\0alice\0" + ALICE_SECRET))[0] == 504
+    assert login_cram(raw)[0] == 235
+    assert raw.cmd("ATRN a.example,b.example")[0] == 450
+    assert raw.cmd("ATRN a.example")[0] == 453
+    assert raw.cmd("QUIT")[0] == 221
+    status, err = finish()
+    assert status == 0, err
+    assert "Traceback" not in err
+
+# -- fetchmail in ODMR mode: the real customer ---------------------------------------
+
+def run_fetchmail(tmp_path, server, peer, domains, user=ALICE, secret=ALICE_SECRET):
+    """Run fetchmail once in ODMR mode; return the CompletedProcess."""
+    home = tmp_path / "fetchmail-home"
+    home.mkdir(mode=0o700, exist_ok=True)
+    rcfile = home / "fetchmailrc"
+    rcfile.write_text(
+        "set no syslog\n"
+        "poll 127.0.0.1 proto odmr port %d\n"
+        "  user \"%s\" password \"%s\"\n"
+        "  fetchdomains %s\n"
+        "  smtphost 127.0.0.1/%d\n" % (server.odmr_port, user, secret, ",".join(domains),
+                                       peer.port))
+    os.chmod(rcfile, 0o600)
+    env = dict(os.environ, FETCHMAILHOME=str(home), HOME=str(home))
+    result = subprocess.run([FETCHMAIL, "-f", str(rcfile), "-v"], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode != 11, "fetchmail cannot resolve this host's name:\n" + result.stdout
+    return result
+
+
+@needs_fetchmail
+def test_fetchmail_odmr_retrieves_a_held_domain_byte_for_byte(make_server, peer, tmp_path):
+    server = odmr_server(make_server)
+    body = b"Subject: via fetchmail\r\n\r\nHello.\r\n.dot-stuffed on the wire\r\n"
+    qid = send_mail(server, ["home@a.example"], body)
+    expected = stored(server, "a.example", qid)
+    queue_one(server, ["w@b.example"], "bob's")
+    result = run_fetchmail(tmp_path, server, peer, ["a.example"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert peer.received == [expected]
+    assert message_body(peer.received[0][2]) == body
+    sessions_done(server)
+    assert not server.queued("a.example")
+    assert len(server.queued("b.example")) == 1
+
+
+@needs_fetchmail
+def test_fetchmail_odmr_with_a_wrong_password_fails_and_gets_nothing(make_server, peer, tmp_path):
+    server = odmr_server(make_server)
+    queue_one(server, ["home@a.example"], "not for you")
+    result = run_fetchmail(tmp_path, server, peer, ["a.example"], secret="wrong-secret")
+    assert result.returncode != 0, result.stdout
+    assert "535" in result.stdout + result.stderr
+    assert peer.connections == 0 and peer.received == []
+    assert len(server.queued("a.example")) == 1
+
+
+@needs_fetchmail
+def test_fetchmail_odmr_for_a_domain_not_owned_gets_450_and_nothing(make_server, peer, tmp_path):
+    server = odmr_server(make_server)
+    queue_one(server, ["home@a.example"], "alice's")
+    queue_one(server, ["w@b.example"], "bob's")
+    result = run_fetchmail(tmp_path, server, peer, ["a.example", "b.example"])
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "450" in result.stdout
+    assert peer.connections == 0 and peer.received == []
+    assert len(server.queued("a.example")) == 1 and len(server.queued("b.example")) == 1
+
+
+@needs_fetchmail
+def test_fetchmail_odmr_with_nothing_queued_gets_453_and_exits_0(make_server, peer, tmp_path):
+    server = odmr_server(make_server)
+    queue_one(server, ["w@b.example"], "bob's")
+    result = run_fetchmail(tmp_path, server, peer, ["a.example", "empty.example"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "453" in result.stdout
+    assert peer.connections == 0
+    assert len(server.queued("b.example")) == 1
+
+
+# ---------------------------------------------------------------------------
+# Regressions found while merging
+# ---------------------------------------------------------------------------
+
+def test_turn_when_every_domain_is_being_delivered_is_refused_with_450(make_server):
+    server = make_server(users={"bob": "s3cret"},
+                         domains={"laptop.example": {"route": "hold", "owners": "bob",
+                                                     "turn": "yes"}})
+    send_mail(server, ["x@laptop.example"])
+    raw = server.raw()
+    assert raw.code() == 220
+    raw.cmd("EHLO customer.test")
+    plain = base64.b64encode(b"\0bob\0s3cret").decode()
+    assert raw.cmd("AUTH PLAIN " + plain)[0] == 235
+    with server.app.spool.lock("laptop.example") as locked:
+        assert locked
+        code, text = raw.cmd("TURN")
+    assert (code, text.split()[0]) == (450, "4.7.0")
+    assert raw.cmd("NOOP")[0] == 250       # not turned around
+    assert server.queued("laptop.example")
+
+
+def test_starttls_answers_454_when_a_tls_session_cannot_be_set_up(make_server, monkeypatch):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed (needed to make a test certificate)")
+    directory = tempfile.mkdtemp()
+    cert, key = os.path.join(directory, "c.pem"), os.path.join(directory, "k.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "2", "-subj", "/CN=mx.test.example"],
+                   check=True, capture_output=True)
+    server = make_server(turnd_section={"tls_cert": cert, "tls_key": key})
+
+    def broken(*args, **kwargs):
+        raise ssl.SSLError("simulated: no TLS session possible")
+
+    monkeypatch.setattr(server.config.tls, "wrap_bio", broken, raising=False)
+    raw = server.raw()
+    assert raw.code() == 220
+    raw.cmd("EHLO client.test")
+    code, text = raw.cmd("STARTTLS")
+    assert (code, text.split()[0]) == (454, "4.7.0")
+    assert raw.cmd("NOOP")[0] == 250       # still in plaintext, still in step
+    shutil.rmtree(directory)

@@ -257,6 +257,7 @@ REPLIES = {
     "turn_ok": "250 2.0.0 OK, turning the connection around",
     "turn_disabled": "502 5.5.1 TURN is not enabled",
     "turn_refused": "502 5.7.1 TURN not permitted: no TURN-enabled domain for this account",
+    "turn_busy": "450 4.7.0 TURN refused: your domains are being delivered now, retry later",
     "atrn_ok": "250 2.0.0 OK now reversing the connection",
     "atrn_refused": "450 4.7.0 ATRN request refused",
     "atrn_busy": "450 4.7.0 ATRN request refused: {domain} is being delivered now, retry later",
@@ -273,7 +274,6 @@ REPLIES = {
     "auth_twice": "503 5.5.1 Already authenticated",
     "auth_too_many": "421 4.7.0 {host} too many authentication failures, closing connection",
     "auth_line_too_long": "500 5.5.6 Authentication exchange line is too long",
-    "auth_unavailable": "454 4.7.0 Temporary authentication failure",
     "tls_go": "220 2.0.0 Ready to start TLS",
     "tls_unavailable": "454 4.7.0 TLS not available due to temporary reason",
     "tls_active": "554 5.5.1 TLS already active",
@@ -1307,6 +1307,9 @@ def reversed_client(sock, reader, hostname, timeout):
     try:
         code, message = smtp.getreply()
         if code != 220:
+            # RFC 5321 section 3.1: after a 554 greeting the client says QUIT.
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                smtp.quit()
             raise DeliveryError("customer greeted with %d %s" % (code, _text(message)))
         _greet(smtp)
     except (OSError, smtplib.SMTPException) as exc:
@@ -2456,6 +2459,13 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         context = self.config.tls
         if context is None:
             return self.error("not_implemented")
+        try:
+            # Make sure a TLS session can be set up before promising one with
+            # 220 (RFC 3207 section 4: 454 when TLS is not available).
+            context.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
+        except (ssl.SSLError, OSError, MemoryError) as exc:
+            log.error("[%s] cannot start TLS: %s", self.peer, exc)
+            return self.push(reply("tls_unavailable"))
         self.push(reply("tls_go"))
         self.flush()
         try:
@@ -2491,6 +2501,10 @@ class SMTPHandler(socketserver.StreamRequestHandler):
         with contextlib.ExitStack() as locks:
             held = [name for name in domains
                     if locks.enter_context(self.app.spool.lock(name))]
+            if not held:
+                # Every domain is being delivered by another run: say so, as
+                # ATRN does, rather than turn around for nothing.
+                return self.push(reply("turn_busy"))
             for name in sorted(set(domains) - set(held)):
                 log.info("TURN: %s is being delivered by another run; skipped", name)
             self.reverse("turn_ok", held)
@@ -2564,6 +2578,9 @@ class SMTPHandler(socketserver.StreamRequestHandler):
             smtp.quit()
         except DeliveryError as exc:
             log.warning("[%s] reversed delivery stopped: %s", self.peer, exc)
+            for name in queues:
+                if self.app.spool.count(name):
+                    self.app.spool.write_state(name, last_error="%s: %s" % (remote, exc))
         except (OSError, smtplib.SMTPException) as exc:
             log.info("[%s] customer closed after delivery: %s", self.peer, exc)
 
