@@ -430,6 +430,20 @@ def peer():
     scripted.close()
 
 
+@pytest.fixture(scope="session")
+def selfsigned_tls(tmp_path_factory):
+    """(cert, key) for mx.test.example, made at test time by openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "2", "-subj", "/CN=mx.test.example"],
+                   check=True, capture_output=True, timeout=120)
+    return cert, key
+
+
 def free_port():
     """A port nothing listens on now (for 'receiver absent' and xinetd)."""
     with socket.socket() as sock:
@@ -4604,34 +4618,11 @@ def test_ten_thousand_pipelined_rcpts_get_452_past_max_recipients_and_the_server
     assert rel_fresh_session_works(server.port)
 
 
-def rel_make_certificate(directory):
-    """(cert, key): a throw-away self-signed certificate made with openssl,
-    or None if openssl is not installed."""
-    openssl = shutil.which("openssl")
-    if not openssl:
-        return None
-    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
-                    "/CN=mx.test.example", "-keyout", key, "-out", cert],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=DEADLINE)
-    return cert, key
-
-
-@pytest.fixture(scope="module")
-def rel_certificate(tmp_path_factory):
-    made = rel_make_certificate(str(tmp_path_factory.mktemp("reliability-tls")))
-    if made is None:
-        pytest.skip("openssl is not installed (needed to make a test certificate)")
-    return made
-
-
 def test_commands_injected_behind_starttls_are_discarded_not_run_inside_tls(
-        make_server, rel_certificate):
+        make_server, selfsigned_tls):
     # CVE-2011-0411: plaintext pipelined behind STARTTLS must not be executed
     # as if it had arrived under TLS.
-    cert, key = rel_certificate
+    cert, key = selfsigned_tls
     server = make_server(turnd_section={"tls_cert": cert, "tls_key": key},
                          domains={REL_DOMAIN: {"route": "hold"}})
     raw = server.raw()
@@ -4959,9 +4950,8 @@ def rel_check_replies(index, wire, replies, reset):
 
 
 def test_a_seeded_fuzzer_of_mutated_dialogues_gets_well_formed_replies_and_leaves_no_thread(
-        make_server, peer, log_capture, tmp_path):
-    certificate = rel_make_certificate(str(tmp_path))
-    tls = {"tls_cert": certificate[0], "tls_key": certificate[1]} if certificate else {}
+        make_server, peer, log_capture, tmp_path, selfsigned_tls):
+    tls = {"tls_cert": selfsigned_tls[0], "tls_key": selfsigned_tls[1]}
     server = make_server(
         turnd_section=dict(tls, timeout="5s", max_recipients="100"), users=REL_USERS,
         domains={REL_DOMAIN: {"route": "hold", "owners": "ann"},
@@ -5242,19 +5232,6 @@ class InteropPostfix:
 
 
 @pytest.fixture(scope="module")
-def interop_cert(tmp_path_factory):
-    """(cert, key) for mx.test.example, made at test time by openssl."""
-    if INTEROP_OPENSSL is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    directory = tmp_path_factory.mktemp("interop-tls")
-    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
-    subprocess.run([INTEROP_OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
-                    key, "-out", cert, "-days", "2", "-subj", "/CN=mx.test.example"],
-                   check=True, capture_output=True, timeout=120)
-    return cert, key
-
-
-@pytest.fixture(scope="module")
 def interop_relay_instance():
     """Postfix relaying parttime.example and chain.example to turnd, which
     each test starts on relay.next_hop (a fixed port chosen here)."""
@@ -5276,14 +5253,14 @@ def interop_relay(interop_relay_instance):
 
 
 @pytest.fixture(scope="module")
-def interop_mta(tmp_path_factory, interop_cert):
+def interop_mta(tmp_path_factory, selfsigned_tls):
     """Postfix as the part-time host's MTA, offering STARTTLS, delivering
     each local part into its own maildir."""
     reason = interop_postfix_missing()
     if reason:
         pytest.skip(reason)
     instance = InteropPostfix("parttime.interop.test",
-                              INTEROP_MTA_CF, cert=interop_cert[0], key=interop_cert[1])
+                              INTEROP_MTA_CF, cert=selfsigned_tls[0], key=selfsigned_tls[1])
     yield instance
     instance.stop()
 
@@ -5364,10 +5341,10 @@ def interop_send(port, sender, rcpts, data, options=("BODY=8BITMIME",), host="12
 
 @needs_postfix
 def test_postfix_relays_held_mail_to_turnd_over_starttls_with_8bit_and_dot_lines_intact(
-        make_server, interop_relay, interop_cert):
+        make_server, interop_relay, selfsigned_tls):
     server = make_server(turnd_section={
-        "listen": "127.0.0.1:%d" % interop_relay.next_hop, "tls_cert": interop_cert[0],
-        "tls_key": interop_cert[1]}, domains={"parttime.example": {"route": "hold"}})
+        "listen": "127.0.0.1:%d" % interop_relay.next_hop, "tls_cert": selfsigned_tls[0],
+        "tls_key": selfsigned_tls[1]}, domains={"parttime.example": {"route": "hold"}})
     messages = {"first": interop_message("interop one"),
                 "second": interop_message("interop two", b"..\r\n. \r\n"),
                 "third": interop_message("interop three")}
@@ -5494,7 +5471,7 @@ def interop_check_delivered(delivered, spooled, mta_name=b"parttime.interop.test
 
 @needs_postfix
 def test_turnd_delivers_to_postfix_on_etrn_over_starttls_and_postfix_stores_the_exact_bytes(
-        make_server, interop_mta, interop_cert):
+        make_server, interop_mta, selfsigned_tls):
     server = make_server(domains={"parttime.example": {
         "route": "127.0.0.1:%d" % interop_mta.port}})
     # Postfix's smtpd takes lines over 998 octets (line_length_limit chops
@@ -5693,10 +5670,10 @@ def test_swaks_pipelines_mail_rcpts_and_data_and_a_refused_rcpt_is_left_out(make
 
 @needs_swaks
 def test_swaks_starttls_then_auth_plain_is_accepted_and_recorded_as_esmtpsa(
-        make_server, interop_cert):
+        make_server, selfsigned_tls):
     server = interop_swaks_server(make_server, users={INTEROP_USER: INTEROP_SECRET},
-                                  turnd_section={"tls_cert": interop_cert[0],
-                                                 "tls_key": interop_cert[1]})
+                                  turnd_section={"tls_cert": selfsigned_tls[0],
+                                                 "tls_key": selfsigned_tls[1]})
     status, transcript = interop_swaks(server, "--tls", "--auth", "PLAIN", "--auth-user",
                                        INTEROP_USER, "--auth-password", INTEROP_SECRET)
     assert status == 0, transcript
@@ -5893,20 +5870,6 @@ def queue_one(server, rcpts, subject, sender="alice@sender.example"):
 
 def sessions_done(server):
     wait_for(lambda: not server.app.sessions, what="turnd's sessions to end")
-
-
-@pytest.fixture(scope="module")
-def selfsigned_tls(tmp_path_factory):
-    """(cert, key) for mx.test.example, made at test time by openssl."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                    "-out", cert, "-days", "2", "-subj", "/CN=mx.test.example"],
-                   check=True, capture_output=True, timeout=120)
-    return cert, key
 
 
 def tls_section(selfsigned_tls):
@@ -6862,14 +6825,9 @@ def test_turn_when_every_domain_is_being_delivered_is_refused_with_450(make_serv
     assert server.queued("laptop.example")
 
 
-def test_starttls_answers_454_when_a_tls_session_cannot_be_set_up(make_server, monkeypatch):
-    if not shutil.which("openssl"):
-        pytest.skip("openssl is not installed (needed to make a test certificate)")
-    directory = tempfile.mkdtemp()
-    cert, key = os.path.join(directory, "c.pem"), os.path.join(directory, "k.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                    "-out", cert, "-days", "2", "-subj", "/CN=mx.test.example"],
-                   check=True, capture_output=True)
+def test_starttls_answers_454_when_a_tls_session_cannot_be_set_up(make_server, monkeypatch,
+                                                                   selfsigned_tls):
+    cert, key = selfsigned_tls
     server = make_server(turnd_section={"tls_cert": cert, "tls_key": key})
 
     def broken(*args, **kwargs):
@@ -6882,4 +6840,3 @@ def test_starttls_answers_454_when_a_tls_session_cannot_be_set_up(make_server, m
     code, text = raw.cmd("STARTTLS")
     assert (code, text.split()[0]) == (454, "4.7.0")
     assert raw.cmd("NOOP")[0] == 250       # still in plaintext, still in step
-    shutil.rmtree(directory)
