@@ -1807,6 +1807,12 @@ class LineReader:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise socket.timeout("no complete line within %g s" % self.timeout)
+        if self.timeout - remaining < 0.01 and self.sock.gettimeout() == self.timeout:
+            # The first read of a line: the socket already has (within 10 ms)
+            # the time left.  Each settimeout() is an ioctl that drops the GIL,
+            # and two per read were a fifth of the context switches of a
+            # one-message session.
+            return self.sock.recv(DATA_CHUNK)
         self.sock.settimeout(remaining)
         try:
             return self.sock.recv(DATA_CHUNK)
