@@ -128,10 +128,21 @@ CRAM-MD5 is always offered when a users file is set; PLAIN and LOGIN only
 under TLS or on a loopback connection.  Three failures end the session.
 STARTTLS is offered when tls_cert and tls_key are set; everything the
 client said before the handshake is forgotten, including commands it
-pipelined behind STARTTLS (CVE-2011-0411).  TURN from an account that owns
-no TURN-enabled domain gets "502 5.7.1": RFC 821 section 3.8 names 502 as
-the refusal.  ATRN naming a domain whose queue is being delivered by
-another run gets 450: the customer retries later, as RFC 2645 allows.
+pipelined behind STARTTLS (CVE-2011-0411); if no TLS session can be set
+up, STARTTLS gets 454.  TURN from an account that owns no TURN-enabled
+domain gets "502 5.7.1": RFC 821 section 3.8 names 502 as the refusal.
+ATRN naming a domain whose queue is being delivered by another run gets
+450 at once, and so does TURN when every one of the account's domains is:
+the customer retries later, as RFC 2645 allows.
+
+SIGNALS
+
+SIGTERM and SIGINT stop the daemon: no new connections, idle sessions get
+421, a message in DATA and a reversed delivery finish, delivery threads
+stop between messages, exit status 0.  SIGHUP reloads the configuration
+and the users file; a bad new one is refused and the old one stays.
+Started as root with "user =", turnd binds its listeners and then runs as
+that user (in every mode that touches the spool).
 
 SPOOL
 
@@ -184,7 +195,6 @@ import base64
 import binascii
 import configparser
 import contextlib
-import errno
 import fcntl
 import hashlib
 import hmac
@@ -197,7 +207,6 @@ import pwd
 import queue
 import re
 import secrets
-import select
 import signal
 import smtplib
 import socket
