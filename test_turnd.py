@@ -6840,3 +6840,57 @@ def test_starttls_answers_454_when_a_tls_session_cannot_be_set_up(make_server, m
     code, text = raw.cmd("STARTTLS")
     assert (code, text.split()[0]) == (454, "4.7.0")
     assert raw.cmd("NOOP")[0] == 250       # still in plaintext, still in step
+
+
+def ops_children(pid):
+    """The pids of a process's children, from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open("/proc/%s/stat" % entry) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                children.append(int(entry))
+    return sorted(children)
+
+
+def test_several_processes_share_the_port_reload_together_and_replace_a_dead_worker(
+        tmp_path, ops_procs):
+    daemon = OpsDaemon(ops_procs, tmp_path, domains={"parttime.example": {"route": "hold"}},
+                       processes="2")
+    daemon.wait_ready()
+    workers = wait_for(lambda: len(ops_children(daemon.proc.pid)) == 2
+                       and ops_children(daemon.proc.pid), what="two worker processes")
+    # Many connections: every one is served, by whichever worker the kernel picks.
+    for number in range(40):
+        with daemon.smtp() as smtp:
+            smtp.sendmail("alice@sender.example", ["bob@parttime.example"],
+                          b"Subject: %d\r\n\r\nx\r\n" % number)
+    assert len(ops_queued(daemon.spool, "parttime.example")) == 40
+    # SIGHUP reaches both workers.
+    with open(daemon.config) as fh:
+        text = fh.read()
+    daemon.rewrite_config(text + "\n[domain newcomer.example]\nroute = hold\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: daemon.log().count("configuration reloaded: 2 domain(s)") == 2,
+             what="both workers to reload")
+    for number in range(10):
+        with daemon.smtp() as smtp:
+            smtp.sendmail("alice@sender.example", ["carol@newcomer.example"], b"x\r\n")
+    assert len(ops_queued(daemon.spool, "newcomer.example")) == 10
+    # A worker that dies is replaced, and the service goes on.
+    os.kill(workers[1], signal.SIGKILL)
+    wait_for(lambda: len(ops_children(daemon.proc.pid)) == 2
+             and workers[1] not in ops_children(daemon.proc.pid),
+             what="a new worker")
+    assert "ended unexpectedly" in daemon.log()
+    for number in range(10):
+        with daemon.smtp() as smtp:
+            smtp.sendmail("alice@sender.example", ["bob@parttime.example"], b"y\r\n")
+    assert len(ops_queued(daemon.spool, "parttime.example")) == 50
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(DEADLINE) == 0
+    assert ops_children(daemon.proc.pid) == []
+    assert not ops_tmp_files(daemon.spool)

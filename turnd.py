@@ -82,7 +82,10 @@ CONFIGURATION
     retry_interval = 15m         how often fixed-host routes are retried
     queue_lifetime = 5d          then the message is bounced and removed
     smarthost =                  HOST:PORT for bounces and postmaster mail
-    delivery_threads = 4         concurrent outbound deliveries
+    delivery_threads = 4         concurrent outbound deliveries, per process
+    processes = 1                worker processes sharing the listeners:
+                                 one Python process uses one core, so set
+                                 this to the number of cores for throughput
     log = stderr                 stderr | syslog | a file name
     user =                       drop to this user after binding
 
@@ -629,6 +632,7 @@ DEFAULTS = {
     "queue_lifetime": "5d",
     "smarthost": "",
     "delivery_threads": "4",
+    "processes": "1",
     "log": "stderr",
     "user": "",
 }
@@ -756,6 +760,7 @@ def load_config(path=None, listen=None, spool=None, domains=None, verbose=False)
         "queue_lifetime": check("queue_lifetime", parse_duration),
         "smarthost": check("smarthost", lambda v: parse_hostport(v, 25) if v.strip() else None),
         "delivery_threads": check("delivery_threads", positive),
+        "processes": check("processes", positive),
         "log": raw["log"].strip() or "stderr",
         "user": raw["user"].strip(),
         "users_path": raw["users"].strip(),
@@ -1499,15 +1504,18 @@ class Deliverer:
                 self.waiting[queue_name] = target
                 self.work.put(queue_name)
 
-    def start(self, threads):
+    def start(self, threads, timer=True):
+        """Start the delivery threads, and the retry timer unless told not to
+        (with several processes only the first runs it)."""
         for number in range(threads):
             thread = threading.Thread(target=self._worker, name="delivery-%d" % number,
                                       daemon=True)
             thread.start()
             self.threads.append(thread)
-        timer = threading.Thread(target=self._timer, name="retry-timer", daemon=True)
-        timer.start()
-        self.threads.append(timer)
+        if timer:
+            thread = threading.Thread(target=self._timer, name="retry-timer", daemon=True)
+            thread.start()
+            self.threads.append(thread)
 
     def stop(self, deadline):
         for _ in self.threads:
@@ -2637,10 +2645,10 @@ class SMTPServer(socketserver.ThreadingTCPServer):
     SPARE_THREADS = 64
     SPARE_SECONDS = 1.0
 
-    def __init__(self, address, app, odmr=False):
+    def __init__(self, address, app, odmr=False, reuse_port=False):
         host, port = address
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.app, self.odmr = app, odmr
+        self.app, self.odmr, self.reuse_port = app, odmr, reuse_port
         self.spare_lock = threading.Lock()
         self.spare = 0                  # threads waiting on self.handoff
         self.handoff = queue.SimpleQueue()
@@ -2652,6 +2660,11 @@ class SMTPServer(socketserver.ThreadingTCPServer):
             # Each listen address is bound on its own, so an IPv6 listener
             # must not also claim the IPv4 port.
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if self.reuse_port:
+            # One listening socket per worker process on the same port: the
+            # kernel spreads the connections and wakes only the one that gets
+            # each (no thundering herd on a shared socket).
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
     def process_request(self, request, client_address):
@@ -2732,11 +2745,13 @@ class Turnd:
         self.sessions = set()
         self.connections = 0
         self.connections_lock = threading.Lock()
-        self.servers = []
+        self.servers, self.server_sets = [], []
 
     def admit(self):
+        # With several processes each takes its share of max_connections.
+        limit = -(-self.config.max_connections // self.config.processes)
         with self.connections_lock:
-            if self.connections >= self.config.max_connections:
+            if self.connections >= limit:
                 return False
             self.connections += 1
             return True
@@ -2756,7 +2771,7 @@ class Turnd:
         except ConfigError as exc:
             log.error("reload refused, keeping the old configuration: %s", exc)
             return False
-        for key in ("listen", "odmr_listen", "spool", "user", "log"):
+        for key in ("listen", "odmr_listen", "spool", "user", "log", "processes"):
             if getattr(config, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect only on restart", key)
         self.config = config
@@ -2765,43 +2780,134 @@ class Turnd:
         return True
 
     def bind(self):
-        """Open every listener (before privileges are dropped)."""
+        """Open every listener (before privileges are dropped): one set of
+        listening sockets per worker process; self.servers is this one's."""
+        count = self.config.processes
+        self.server_sets = [[] for _ in range(count)]
+        addresses = ([(a, False) for a in self.config.listen]
+                     + [(a, True) for a in self.config.odmr_listen])
         try:
-            for address in self.config.listen:
-                self.servers.append(SMTPServer(address, self))
-            for address in self.config.odmr_listen:
-                self.servers.append(SMTPServer(address, self, odmr=True))
+            for address, odmr in addresses:
+                for servers in self.server_sets:
+                    server = SMTPServer(address, self, odmr=odmr, reuse_port=count > 1)
+                    servers.append(server)
+                    # With port 0, the other workers join the port this one got.
+                    address = (address[0], server.server_address[1])
         except OSError as exc:
-            for server in self.servers:
+            for server in sum(self.server_sets, []):
                 server.server_close()
             raise ConfigError("cannot listen on %s:%d: %s"
                               % (address[0] or "*", address[1], exc.strerror)) from None
+        self.servers = self.server_sets[0]
 
     def serve(self, load):
-        """Run the daemon until SIGTERM or SIGINT; reload on SIGHUP."""
+        """Run the daemon until SIGTERM or SIGINT; reload on SIGHUP.
+
+        With processes = 1 this process serves.  With more, it forks that
+        many workers, each serving the same listening sockets with its own
+        threads (one Python process runs one thread at a time, so this is
+        how turnd uses several cores), and stays behind as their supervisor.
+        """
         # Block the signals before any thread starts: every thread inherits
-        # the mask, and only sigwait() below takes them.  (With Python
-        # handlers the kernel could hand a signal to another thread while this
-        # one slept in a lock, and the handler did not run: SIGHUP and SIGTERM
+        # the mask, and only sigwait() takes them.  (With Python handlers the
+        # kernel could hand a signal to another thread while the main one
+        # slept in a lock, and the handler did not run: SIGHUP and SIGTERM
         # were often ignored.)
-        wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-        signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT,
+                                                  signal.SIGHUP, signal.SIGCHLD})
         removed = self.spool.clean_tmp()
         if removed:
             log.info("removed %d unfinished file(s) from tmp/", removed)
-        self.deliverer.start(self.config.delivery_threads)
         for server in self.servers:
-            threading.Thread(target=server.serve_forever, name="listener", daemon=True).start()
             log.info("listening on %s%s", _address(server.server_address),
                      " (ODMR)" if server.odmr else "")
+        if self.config.processes == 1:
+            return self.run_worker(load, 0)
+        return self.supervise(load, self.config.processes)
+
+    def run_worker(self, load, index):
+        """Serve on listening socket set `index` until SIGTERM or SIGINT,
+        reloading on SIGHUP.  Worker 0 also runs the retry timer."""
+        for other, servers in enumerate(self.server_sets):
+            if other != index:
+                for server in servers:
+                    server.socket.close()       # the supervisor keeps its copy
+        self.servers = self.server_sets[index]
+        self.deliverer.start(self.config.delivery_threads, timer=index == 0)
+        for server in self.servers:
+            threading.Thread(target=server.serve_forever, name="listener", daemon=True).start()
         while True:
-            signum = signal.sigwait(wanted)
+            signum = signal.sigwait({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
             if signum == signal.SIGHUP:
                 self.reload(load)
                 continue
             log.info("%s received: shutting down", signal.Signals(signum).name)
             self.shutdown()
             return 0
+
+    def supervise(self, load, count):
+        """Fork `count` workers, pass signals on to them, replace any that dies.
+
+        This process starts no threads, so forking again stays safe.  Only
+        worker 0 runs the retry timer; the spool's locks keep the workers'
+        deliveries apart, as they do for concurrent inetd processes.
+        """
+        workers, stopping, status, deaths = {}, False, 0, []
+        # An inherited SIG_IGN would make the kernel reap the workers itself
+        # and never tell us that one died.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+        def spawn(index):
+            pid = os.fork()
+            if pid == 0:
+                status = 1
+                try:
+                    status = self.run_worker(load, index)
+                except BaseException:
+                    log.exception("worker %d failed", index)
+                finally:
+                    logging.shutdown()
+                    os._exit(status)
+            workers[pid] = index
+
+        for index in range(count):
+            spawn(index)
+        log.info("%d worker processes started", count)
+        while workers:
+            signum = signal.sigwait({signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                     signal.SIGCHLD})
+            if signum == signal.SIGCHLD:
+                for pid in list(workers):
+                    done, code = os.waitpid(pid, os.WNOHANG)
+                    if not done:
+                        continue
+                    index = workers.pop(pid)
+                    if stopping:
+                        continue
+                    log.error("worker %d (pid %d) ended unexpectedly (status %d); "
+                              "starting another", index, pid, code)
+                    now = time.monotonic()
+                    deaths = [t for t in deaths if now - t < 10.0] + [now]
+                    if len(deaths) >= 5:
+                        log.error("workers keep dying (5 in 10 s); stopping")
+                        stopping, status = True, 1
+                        for other in workers:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(other, signal.SIGTERM)
+                        continue
+                    spawn(index)
+                continue
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP received: the workers reload")
+            else:
+                log.info("%s received: stopping the workers", signal.Signals(signum).name)
+                stopping = True
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM)
+        for server in sum(self.server_sets, []):
+            server.server_close()
+        return status
 
     def shutdown(self):
         """Stop accepting; let sessions in DATA finish; stop between messages."""
@@ -2942,6 +3048,7 @@ def describe(config):
              "listen: %s" % ", ".join(map(_address, config.listen)),
              "odmr_listen: %s" % (", ".join(map(_address, config.odmr_listen)) or "off"),
              "spool: %s" % config.spool,
+             "processes: %d" % config.processes,
              "users: %d%s" % (len(config.users),
                               " (from %s)" % config.users_path if config.users_path else ""),
              "STARTTLS: %s" % ("on" if config.tls else "off"),
