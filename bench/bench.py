@@ -391,7 +391,7 @@ def _raise_nofile():
 
 
 class Turnd:
-    def __init__(self, workdir, sink_port=None, wrapper=()):
+    def __init__(self, workdir, sink_port=None, wrapper=(), processes=1):
         self.dir = tempfile.mkdtemp(prefix="turnd-", dir=workdir)
         self.port = free_port()
         self.spool = os.path.join(self.dir, "spool")
@@ -400,9 +400,10 @@ class Turnd:
         with open(self.conf, "w") as fh:
             fh.write("[turnd]\nlisten = 127.0.0.1:%d\nspool = %s\nhostname = turnd.bench.test\n"
                      "max_connections = 1100\nmax_message_size = 200M\ntimeout = 10m\n"
+                     "processes = %d\n"
                      "log = %s\n\n[domain %s]\nroute = client:%d\netrn_from = 127.0.0.0/8\n"
-                     % (self.port, self.spool, os.path.join(self.dir, "turnd.log"), HELD,
-                        self.sink_port))
+                     % (self.port, self.spool, processes, os.path.join(self.dir, "turnd.log"),
+                        HELD, self.sink_port))
         self.proc = subprocess.Popen(list(wrapper) + [sys.executable, TURND, "-c", self.conf],
                                      preexec_fn=_raise_nofile, stdout=subprocess.DEVNULL,
                                      stderr=open(os.path.join(self.dir, "stderr"), "w"))
@@ -607,10 +608,20 @@ def postfix_unavailable():
 # ---------------------------------------------------------------------------
 
 def cpu_seconds(pid):
-    """user + system CPU time of a process so far, in seconds."""
-    with open("/proc/%d/stat" % pid) as fh:
-        fields = fh.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """user + system CPU time so far of a process and its live children
+    (turnd's worker processes with processes > 1), in seconds."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as fh:
+                fields = fh.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def summary(values, digits=1):
@@ -619,7 +630,7 @@ def summary(values, digits=1):
 
 
 def run(args, log):
-    results = {"machine": machine(args.tmp), "tools": {
+    results = {"machine": machine(args.tmp), "processes": args.processes, "tools": {
         "smtp-source": SMTP_SOURCE, "smtp-sink": SMTP_SINK, "postfix": POSTFIX},
         "reps": args.reps, "load_before": loadavg(), "turnd": {}, "postfix": {},
         "notes": []}
@@ -664,7 +675,7 @@ def accept_phase(args, results, pf, log):
     (ext4's recently_deleted() inode scan), which would punish whichever
     server ran after a clean-up."""
     t, p = results["turnd"], results["postfix"]
-    server = Turnd(args.tmp)
+    server = Turnd(args.tmp, processes=args.processes)
     try:
         stdlib_accept(server.port, 2, 2000, 100)             # warm-up
         for senders in args.senders:
@@ -924,7 +935,9 @@ def table(results):
     lines = ["turnd benchmark: %d cores, %s, Linux %s, Python %s, %s" % (
         m["nproc"], m["cpu"], m["kernel"], m["python"], m["disk"]),
         "median of %d run(s); load average before %s, after %s; sink: %s" % (
-        results["reps"], results["load_before"], results["load_after"], results["sink"]), ""]
+        results["reps"], results["load_before"], results["load_after"], results["sink"]),
+        "turnd accepts with processes = %s; release and memory runs use 1" % (
+        results.get("processes", 1)), ""]
     row = "%-44s %22s %10s %7s"
     lines.append(row % ("workload", "turnd", "postfix", "ratio"))
     lines.append("-" * 86)
@@ -995,6 +1008,9 @@ def main():
     parser.add_argument("--sizes", help="message sizes in bytes, e.g. 2000,100000")
     parser.add_argument("--release", help="queue sizes to release, e.g. 2000,20000")
     parser.add_argument("--no-postfix", action="store_true", help="turnd only")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="turnd's processes for the acceptance runs (default: the "
+                             "number of cores, as its README recommends)")
     parser.add_argument("--tmp", default=None,
                         help="where the temporary spools live (default /var/tmp)")
     parser.add_argument("--save", metavar="FILE", help="also write the JSON results to FILE")
