@@ -144,8 +144,10 @@ SIGTERM and SIGINT stop the daemon: no new connections, idle sessions get
 421, a message in DATA and a reversed delivery finish, delivery threads
 stop between messages, exit status 0.  SIGHUP reloads the configuration
 and the users file; a bad new one is refused and the old one stays.
-Started as root with "user =", turnd binds its listeners and then runs as
-that user (in every mode that touches the spool).
+With processes > 1 a supervisor process passes the signals on to its
+workers and starts a new worker if one dies.  Started as root with
+"user =", turnd binds its listeners and then runs as that user (in every
+mode that touches the spool).
 
 SPOOL
 
