@@ -5809,6 +5809,14 @@ def ehlo_keywords(raw, name="client.test"):
     return lines[1:]
 
 
+def auth_session(make_server):
+    """(server, RawClient) with the test accounts, greeted and past EHLO."""
+    server = auth_server(make_server)
+    raw = greeted(server)
+    ehlo_keywords(raw)
+    return server, raw
+
+
 def auth_mechanisms(keywords):
     """The mechanisms of the AUTH keyword, or [] when AUTH is not offered."""
     for keyword in keywords:
@@ -5985,9 +5993,7 @@ def test_auth_cram_md5_challenges_differ_between_sessions(make_server):
 
 
 def test_auth_with_a_wrong_password_gets_535_and_unknown_user_the_same_reply(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     wrong = login_cram(raw, ALICE, "not-the-secret")
     assert wrong[0] == 535 and wrong[1].startswith("5.7.8")
     unknown = login_cram(raw, "mallory", "whatever")
@@ -5998,18 +6004,14 @@ def test_auth_with_a_wrong_password_gets_535_and_unknown_user_the_same_reply(mak
 
 
 def test_auth_plain_wrong_password_and_unknown_user_get_identical_replies(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     wrong = login_plain(raw, ALICE, "nope")
     unknown = login_plain(raw, "mallory", "nope")
     assert wrong[0] == 535 and wrong == unknown
 
 
 def test_auth_cancelled_with_star_gets_501(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     assert raw.cmd("AUTH CRAM-MD5")[0] == 334
     assert raw.cmd("*")[0] == 501
     assert raw.cmd("AUTH LOGIN")[0] == 334
@@ -6019,9 +6021,7 @@ def test_auth_cancelled_with_star_gets_501(make_server):
 
 
 def test_auth_with_bad_base64_gets_501_5_5_2(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     code, text = raw.cmd("AUTH PLAIN not*base64!")
     assert (code, text.split()[0]) == (501, "5.5.2")
     assert raw.cmd("AUTH CRAM-MD5")[0] == 334
@@ -6031,18 +6031,14 @@ def test_auth_with_bad_base64_gets_501_5_5_2(make_server):
 
 
 def test_auth_cram_md5_with_an_initial_response_gets_501(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     # RFC 4954 section 4: the server speaks first in CRAM-MD5.
     code, text = raw.cmd("AUTH CRAM-MD5 " + b64("alice 0123"))
     assert code == 501
 
 
 def test_auth_with_an_unknown_mechanism_gets_504_5_5_4(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     for mechanism in ("DIGEST-MD5", "XOAUTH2", "GSSAPI"):
         code, text = raw.cmd("AUTH " + mechanism)
         assert (code, text.split()[0]) == (504, "5.5.4"), mechanism
@@ -6050,18 +6046,14 @@ def test_auth_with_an_unknown_mechanism_gets_504_5_5_4(make_server):
 
 
 def test_second_auth_after_success_gets_503(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     assert login_cram(raw)[0] == 235
     assert raw.cmd("AUTH CRAM-MD5")[0] == 503
     assert raw.cmd("AUTH PLAIN " + b64("\0bob\0" + BOB_SECRET))[0] == 503
 
 
 def test_auth_inside_a_mail_transaction_gets_503(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     assert raw.cmd("MAIL FROM:<x@sender.example>")[0] == 250
     assert raw.cmd("AUTH CRAM-MD5")[0] == 503
     assert raw.cmd("RSET")[0] == 250
@@ -6075,9 +6067,7 @@ def test_auth_before_ehlo_gets_503(make_server):
 
 
 def test_three_auth_failures_end_the_session_with_421(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     assert login_cram(raw, ALICE, "bad-1")[0] == 535
     assert login_plain(raw, ALICE, "bad-2")[0] == 535
     code, text = login_cram(raw, "mallory", "bad-3")
@@ -6093,34 +6083,26 @@ def test_plain_and_login_are_advertised_on_loopback_without_tls(make_server):
 
 
 def test_auth_plain_with_an_initial_response_succeeds(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     code, text = login_plain(raw, BOB, BOB_SECRET)
     assert (code, text.split()[0]) == (235, "2.7.0")
 
 
 def test_auth_plain_with_an_empty_challenge_succeeds(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     raw.send("AUTH PLAIN\r\n")
     assert raw.line() == "334 "         # RFC 4954 section 4: exactly "334 "
     assert raw.cmd(b64("\0%s\0%s" % (ALICE, ALICE_SECRET)))[0] == 235
 
 
 def test_auth_plain_with_a_foreign_authorization_identity_is_refused(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     assert raw.cmd("AUTH PLAIN " + b64("bob\0alice\0" + ALICE_SECRET))[0] == 535
     assert raw.cmd("AUTH PLAIN " + b64("alice\0alice\0" + ALICE_SECRET))[0] == 235
 
 
 def test_auth_login_exchange_succeeds(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     assert raw.cmd("AUTH LOGIN") == (334, b64("Username:"))
     assert raw.cmd(b64(ALICE)) == (334, b64("Password:"))
     code, text = raw.cmd(b64(ALICE_SECRET))
@@ -6128,9 +6110,7 @@ def test_auth_login_exchange_succeeds(make_server):
 
 
 def test_auth_login_with_initial_username_and_wrong_password_gets_535(make_server):
-    server = auth_server(make_server)
-    raw = greeted(server)
-    ehlo_keywords(raw)
+    server, raw = auth_session(make_server)
     assert raw.cmd("AUTH LOGIN " + b64(BOB)) == (334, b64("Password:"))
     assert raw.cmd(b64("wrong"))[0] == 535
 

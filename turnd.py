@@ -1858,8 +1858,8 @@ class LineReader:
 class Transaction:
     """One mail transaction: MAIL, RCPTs, DATA (RFC 5321 section 3.3)."""
 
-    def __init__(self, sender, body="", size=0):
-        self.sender, self.body, self.size = sender, body, size
+    def __init__(self, sender, body=""):
+        self.sender, self.body = sender, body
         self.queues = {}        # queue name -> [recipients], in RCPT order
 
     @property
@@ -2125,7 +2125,7 @@ class SMTPHandler(socketserver.StreamRequestHandler):
                 return self.error("unknown_parameter", param=printable(key, 40))
         if size > self.config.max_message_size:
             return self.push(reply("too_big"))
-        self.transaction = Transaction(sender, body, size)
+        self.transaction = Transaction(sender, body)
         self.push(reply("sender_ok"))
 
     def smtp_RCPT(self, arg):
